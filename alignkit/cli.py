@@ -1,0 +1,176 @@
+"""The ``alignkit`` command: a Hydra app plus helper sub-commands.
+
+* ``alignkit [overrides...]`` runs a stage (default: the whole pipeline) with Hydra; ``-m``
+  sweeps (``alignkit -m algorithm=reinforce seed=0,1``).
+* ``alignkit plugins`` lists every installed plugin, where it comes from and its hooks.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import AlignkitError, ConfigError, HookError
+
+CONFIG_PATH = "pkg://alignkit.conf"
+
+
+def _registration() -> tuple[Any, Any]:
+    """Discover plugins and let each contribute schemas and components (before composition)."""
+    from hydra.core.config_store import ConfigStore
+
+    from alignkit.config import register_base_schemas
+    from alignkit.plugins import PluginManager
+    from alignkit.registry import ComponentRegistry
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("alignkit.first"):
+        OmegaConf.register_new_resolver("alignkit.first", lambda a, b: b if a is None else a)
+    cs = ConfigStore.instance()
+    register_base_schemas(cs)
+    manager = PluginManager()
+    registry = ComponentRegistry()
+    manager.run_registration(cs, registry)
+    return manager, registry
+
+
+def _active_plugins(cfg: Any) -> dict[str, str]:
+    """Plugin name -> the config entry that asked for it."""
+    wanted: dict[str, str] = {}
+    algo = cfg.get("algorithm")
+    if algo is not None and algo.get("name"):
+        wanted[str(algo.name)] = f"algorithm={algo.name}"
+    for name in cfg.get("reward") or {}:
+        wanted.setdefault(str(name), f"reward.{name}")
+    for name in cfg.get("plugins") or []:
+        wanted.setdefault(str(name), "plugins")
+    return wanted
+
+
+def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str, float]:
+    """Activate the plugins the config names, build the context and run ``cfg.stage``."""
+    from omegaconf import OmegaConf
+
+    from alignkit.context import RunContext
+    from alignkit.stages.common import build_task, configure_threads, seed_everything
+    from alignkit.tracking import Tracker, print_summary
+
+    from alignkit.plugins import PluginManager
+
+    # A fresh manager per job: in a multirun each job activates its own plugins, and class
+    # plugins get fresh state.
+    manager = PluginManager(installed=manager.installed)
+    wanted = _active_plugins(cfg)
+    manager.activate(list(wanted), reason=wanted)
+    if cfg.stage not in registry.names("stage"):
+        raise ConfigError(
+            f"stage={cfg.stage!r} is not a known stage; known: {', '.join(registry.names('stage'))}"
+        )
+    wcfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    tracker = Tracker(
+        run_dir,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        wandb_cfg=wcfg,  # type: ignore[arg-type]
+    )
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, plugins=manager, registry=registry, tracker=tracker)
+    exit_code = 1
+    try:
+        configure_threads(ctx)
+        ctx.generator = seed_everything(int(cfg.seed))
+        import torch
+
+        ctx.device = torch.device(str(cfg.backend.device))
+        ctx.task = build_task(ctx)
+        summary = registry.build("stage", str(cfg.stage), ctx=ctx)
+        summary = {"stage": str(cfg.stage), **summary}
+        tracker.write_summary(summary)
+        print_summary(f"alignkit {cfg.stage}: {run_dir}", summary)
+        exit_code = 0
+        return summary
+    finally:
+        tracker.finish(exit_code)
+
+
+def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], Any]:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")
+    def app(cfg: DictConfig) -> float | None:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(HydraConfig.get().runtime.output_dir)
+        try:
+            summary = run_stage(cfg, run_dir, manager, registry)
+        except AlignkitError as exc:
+            report_error(exc)
+            raise SystemExit(2) from None
+        # The return value is what Hydra's sweepers (e.g. Optuna) optimise.
+        value = summary.get("gold_score_policy", summary.get("gold_score_sft"))
+        return float(value) if isinstance(value, int | float) else None
+
+    return app
+
+
+def report_error(exc: AlignkitError) -> None:
+    """One unwrapped line naming the problem; a failing plugin's traceback comes first."""
+    if isinstance(exc, HookError):
+        traceback.print_exception(exc.cause, file=sys.stderr)
+    print(f"alignkit: error: {exc}", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """Per-file loading bars from transformers would drown the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _plugins_command() -> int:
+    from rich.table import Table
+
+    from alignkit.plugins import describe, discover
+
+    installed = discover()
+    table = Table(title="alignkit plugins")
+    for col in ("name", "source", "target", "hooks"):
+        table.add_column(col, overflow="fold")
+    for row in describe(installed):
+        table.add_row(row["name"], row["source"], row["target"], row["hooks"])
+    from rich.console import Console
+
+    Console(width=160).print(table)
+    for info in installed.values():
+        if not info.ok:
+            print(f"\nplugin {info.name!r} failed to import:\n{info.error}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alignkit`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["plugins"]:
+        return _plugins_command()
+    try:
+        manager, registry = _registration()
+    except AlignkitError as exc:
+        report_error(exc)
+        return 2
+    _quiet_libraries()
+    sys.argv = [sys.argv[0] if sys.argv else "alignkit", *args]
+    try:
+        _hydra_main(manager, registry, "config")()
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except Exception:  # Hydra re-raises only outside its own error reporting
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

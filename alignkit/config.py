@@ -1,0 +1,192 @@
+"""Config schemas: dataclasses stored in Hydra's ConfigStore before composition.
+
+Because every node is a structured config, a misspelt key (``sft.lrr=1``, or a stray key in an
+experiment file) fails at composition, before anything runs, with a message naming the key.
+Plugins add their own nodes (``algorithm/<name>``, ``reward/<name>``) through the
+``register_configs`` hook, which makes them selectable as ``algorithm=<name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from alignkit.preference_config import FeedbackConfig, RewardModelConfig
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny GPT-2 style model built when ``model.path`` is null."""
+
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_positions: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """The base policy: a transformers causal LM, from a folder or a hub name."""
+
+    path: str | None = None
+    """HF folder or hub name; null builds the task's tiny model into ``<run_dir>/base_model``."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class TaskConfig:
+    """The built-in synthetic task (or another registered ``task`` component)."""
+
+    name: str = "assist"
+    seed: int = 0
+    max_operand: int = 9
+    demonstrations: int = 4000
+    """Synthetic SFT demonstrations to draw (deliberately of mixed quality)."""
+    sft_data: str | None = None
+    """JSONL of ``{"prompt": str, "response": str}`` used instead of synthetic demonstrations."""
+    prompt_data: str | None = None
+    """JSONL of prompt records (``id, kind, text, answer``) used instead of the task's prompts."""
+    max_prompt_tokens: int = 32
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the RL stage."""
+
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    """The online RL loop shared by every algorithm."""
+
+    steps: int = 60
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    """Coefficient of the KL penalty to the reference policy; 0 skips the reference forward."""
+    kl_estimator: str = "k1"
+    checkpoint_every: int = 20
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Continue from the latest complete checkpoint in ``<run_dir>/rl/checkpoints``."""
+    log_every: int = 1
+    samples_every: int = 20
+    """Log a table of sample generations every N steps."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 200
+    max_new_tokens: int = 32
+    greedy: bool = False
+    temperature: float = 1.0
+    batch_size: int = 64
+    samples_to_show: int = 6
+    policy: str | None = None
+    """``stage=eval``: the policy folder to evaluate."""
+    baseline: str | None = None
+    """``stage=eval``: the policy folder to compare against (e.g. the SFT policy)."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "cpu"
+    device: str = "cpu"
+    threads: int | None = None
+    """torch intra-op threads; null keeps torch's default."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"
+    """auto (online when an API key is configured, offline otherwise), online, offline, disabled."""
+    project: str = "alignkit"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """Base of every algorithm's node: ``name`` is the plugin that implements it."""
+
+    name: str = MISSING
+
+
+@dataclass
+class RewardConfig:
+    """Base of every reward component's node (stored under ``reward.<plugin name>``)."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class AlignkitConfig:
+    stage: str = "pipeline"
+    """sft | rl | eval | pipeline (sft -> rl -> eval), or a stage a plugin registers."""
+    seed: int = 0
+    run_dir: str | None = None
+    """Where outputs go; null uses Hydra's output directory."""
+    plugins: list[str] = field(default_factory=list)
+    """Extra plugins to activate besides the algorithm and the rewards."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algorithm: Any = MISSING
+    reward: dict[str, Any] = field(default_factory=dict)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def store_algorithm(cs: ConfigStore, name: str, node: Any) -> None:
+    """Register an algorithm schema, selectable as ``algorithm=<name>``."""
+    cs.store(group="algorithm", name=name, node=node)
+
+
+def store_reward(cs: ConfigStore, name: str, node: Any) -> None:
+    """Register a reward schema under ``reward.<name>``, selectable as ``reward=[a,b]``."""
+    cs.store(group="reward", name=name, node=node, package=f"reward.{name}")
+
+
+def register_base_schemas(cs: ConfigStore) -> None:
+    """The top-level schema and the group schemas that the YAML files in ``conf/`` extend."""
+    cs.store(name="alignkit_schema", node=AlignkitConfig)

@@ -1,0 +1,208 @@
+"""Batched sampling with a KV cache.
+
+Shapes: B = batch, P = prompt length, R = response length (at most ``max_new_tokens``),
+V = vocabulary size.
+
+A small loop of our own rather than ``model.generate``: it takes a seedable ``torch.Generator``,
+records the sampling policy's log-probs as it goes (so rollouts need no second forward pass to
+get "old" log-probs), and has little per-token overhead, which dominates on tiny models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase, TopKLogitsWarper, TopPLogitsWarper
+
+from alignkit.models import position_ids_from_mask, supports_logits_to_keep
+
+__all__ = ["GenerationOutput", "decode_responses", "generate", "tokenize_prompts"]
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Tokenise prompts into a left-padded batch.
+
+    Prompts longer than ``max_length`` lose tokens from the *left*: the end of a prompt is what
+    the response continues from, so it is the part to keep.
+
+    Returns:
+        ``(ids, mask)``, both (B, P) long tensors, P = longest (truncated) prompt.
+    """
+    if len(texts) == 0:
+        raise ValueError("no prompts given")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    encoded = tokenizer(list(texts))["input_ids"]
+    if max_length is not None:
+        encoded = [ids[-max_length:] for ids in encoded]
+    if any(len(ids) == 0 for ids in encoded):
+        # A row with no real token has nothing to attend to; fail here rather than with NaNs.
+        raise ValueError("a prompt tokenised to zero tokens")
+    batch = tokenizer.pad(
+        {"input_ids": encoded}, padding=True, padding_side="left", return_tensors="pt"
+    )
+    return batch["input_ids"].long(), batch["attention_mask"].long()
+
+
+@dataclass
+class GenerationOutput:
+    """Sampled responses.
+
+    Attributes:
+        response_ids: (B, R) sampled tokens, ``pad_token_id`` after a row's EOS.
+        response_mask: (B, R) 1 for real response tokens *including* the EOS itself, 0 after.
+        logprobs: (B, R) log-prob of each sampled token under the full ``softmax(logits / τ)``
+            (before top-k / top-p truncation), 0 where masked; None if not requested.
+        finished: (B,) bool, True where the row emitted EOS.
+    """
+
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor | None
+    finished: Tensor
+
+
+def _check_sampling_args(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, prompt_mask: Tensor
+) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if bool((prompt_mask.sum(dim=-1) == 0).any()):
+        raise ValueError("every prompt needs at least one unmasked token")
+
+
+def _truncate(scaled_logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """(B, V) τ-scaled logits with tokens outside top-k / nucleus top-p set to -inf.
+
+    Applied in the same order as ``transformers`` (temperature, then top-k, then top-p; Holtzman
+    et al., 2020 for nucleus sampling). The warpers ignore their ``input_ids`` argument.
+    """
+    if top_k > 0:
+        scaled_logits = TopKLogitsWarper(top_k)(None, scaled_logits)
+    if top_p < 1.0:
+        scaled_logits = TopPLogitsWarper(top_p)(None, scaled_logits)
+    return scaled_logits
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = True,
+) -> GenerationOutput:
+    """Sample up to ``max_new_tokens`` tokens after left-padded prompts.
+
+    Args:
+        model: causal LM supporting ``past_key_values`` / ``use_cache`` (any ``transformers``
+            causal LM). Its train/eval mode is left as is; disable dropout for RL rollouts.
+        prompt_ids: (B, P) left-padded prompt ids.
+        prompt_mask: (B, P) 1 on real prompt tokens.
+        greedy: take the arg-max token instead of sampling (log-probs still use τ).
+        generator: RNG for ``torch.multinomial``; same seed -> same samples.
+
+    Returns:
+        :class:`GenerationOutput` with R <= ``max_new_tokens`` columns: the loop stops as soon as
+        every row has emitted EOS.
+
+    Log-prob convention: ``logprobs`` are taken from the full temperature-scaled distribution,
+    *not* the top-k / top-p truncated one we sample from. This is what
+    :func:`alignkit.models.sequence_logprobs` recomputes during training, so importance ratios
+    between the rollout and the training policy are exactly 1 before any update.
+    """
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, prompt_mask)
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask = prompt_mask.long()
+    positions = position_ids_from_mask(mask)
+    # Prefill: only the last position's logits are needed, so skip the (B, P, V) projection.
+    extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **extra,
+    )
+    next_position = positions[:, -1:] + 1  # (B, 1): first response token's position
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    alive_steps: list[Tensor] = []
+    logprobs: list[Tensor] = []
+
+    for step in range(max_new_tokens):
+        scaled = out.logits[:, -1, :].float() / temperature  # (B, V)
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        else:
+            probs = torch.softmax(_truncate(scaled, top_k, top_p), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        alive = ~finished
+        token = torch.where(alive, token, pad_token_id)  # finished rows only emit padding
+        tokens.append(token)
+        alive_steps.append(alive)
+        if return_logprobs:
+            token_logprob = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])
+            logprobs.append(torch.where(alive, token_logprob.squeeze(-1), 0.0))
+        finished = finished | (alive & (token == eos_token_id))
+        # One host sync per token; it lets a batch that is done stop paying for more forwards.
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        # Finished rows keep running on padding; their outputs are discarded by the mask.
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_position = next_position + 1
+
+    return GenerationOutput(
+        response_ids=torch.stack(tokens, dim=1),
+        response_mask=torch.stack(alive_steps, dim=1).long(),
+        logprobs=torch.stack(logprobs, dim=1) if return_logprobs else None,
+        finished=finished,
+    )
+
+
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor
+) -> list[str]:
+    """(B, R) ids and mask -> B strings, without EOS / padding and one leading space removed.
+
+    The leading space comes from byte-level BPE, where a word after the prompt is encoded with
+    its separating space (" world").
+    """
+    texts = []
+    eos = tokenizer.eos_token_id
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
+        kept = [tok for tok, keep in zip(ids, mask, strict=True) if keep]
+        if kept and kept[-1] == eos:
+            kept = kept[:-1]
+        text = tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        texts.append(text.removeprefix(" "))
+    return texts

@@ -1,0 +1,515 @@
+"""Model building, loading and the scalar (value / reward) head.
+
+Shapes: B = batch, P = prompt length, R = response length, T = P + R, V = vocabulary size,
+H = hidden size. Sequences are laid out as ``[left-padded prompt | right-padded response]`` so
+that every prompt ends at column P - 1 and every response starts at column P.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from alignkit.errors import AlignkitError
+from alignkit.io import atomic_directory
+from alignkit.ops import entropy_from_logits, logprobs_from_logits
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "ModelLoadError",
+    "ScalarHeadModel",
+    "TinyModelSpec",
+    "build_tiny_model",
+    "count_parameters",
+    "disable_dropout",
+    "last_token_index",
+    "load_causal_lm",
+    "position_ids_from_mask",
+    "sequence_logprobs",
+    "supports_logits_to_keep",
+    "train_tokenizer",
+]
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+
+# Keyed by the tokenizer attribute names so it can be splatted into a tokenizer constructor.
+# The pad token is deliberately distinct from EOS: if they were equal, masking padding would also
+# mask the EOS the policy must learn to emit. BOS reuses EOS, as in GPT-2.
+SPECIAL_TOKENS: MappingProxyType[str, str] = MappingProxyType(
+    {"pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN}
+)
+
+HEAD_WEIGHTS_NAME = "scalar_head.safetensors"
+HEAD_CONFIG_NAME = "scalar_head.json"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+class ModelLoadError(AlignkitError, ValueError):
+    """A model or tokenizer could not be found or loaded; the message names the source."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` means a filesystem path rather than a Hub id (``name`` / ``org/name``)."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    if os.path.isdir(name):
+        return True
+    # A Hub id has at most one "/"; anything deeper (or a Windows separator) is a path.
+    return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _resolve_source(name_or_path: str | os.PathLike[str]) -> str:
+    """Expand a local path and fail early, naming it, when it does not exist."""
+    name = os.fspath(name_or_path)
+    if isinstance(name_or_path, Path) or _looks_like_local_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model path does not exist: {name}")
+        return str(path)
+    return name
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot determine the hidden size of {type(config).__name__}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights, e.g. GPT-2's embedding/LM head, count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and tiny model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelSpec:
+    """Shape of a small GPT-2 style model (about 3.5M parameters at the defaults)."""
+
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_positions: int = 128
+    seed: int = 0
+
+
+def train_tokenizer(
+    corpus: Iterable[str], vocab_size: int, *, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (as in GPT-2) on ``corpus``.
+
+    Byte-level pre-tokenisation plus the matching decoder makes ``decode(encode(s)) == s`` for
+    every string, and the 256-byte initial alphabet means there is never an unknown token. The
+    returned tokenizer pads on the left, which is what batched generation needs.
+
+    ``vocab_size`` is an upper bound: a small corpus may support fewer merges.
+    """
+    specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(
+            f"vocab_size must be at least {len(alphabet) + len(specials)} "
+            "(256 byte symbols plus the special tokens)"
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        padding_side="left",
+        # The default clean-up rewrites " ." to "." and would break the exact round trip.
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str],
+    corpus: Iterable[str],
+    spec: TinyModelSpec | None = None,
+) -> Path:
+    """Train a tokenizer on ``corpus`` and save a freshly initialised GPT-2 model with it.
+
+    The model's vocabulary is the trained tokenizer's size (at most ``spec.vocab_size``), so every
+    id the model can emit decodes to text. Weights depend only on ``spec`` (seeded from
+    ``spec.seed`` without touching the caller's global RNG state). The folder is written
+    atomically and loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    spec = spec if spec is not None else TinyModelSpec()
+    out_dir = Path(out_dir).expanduser()
+    tokenizer = train_tokenizer(corpus, spec.vocab_size, model_max_length=spec.n_positions)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=spec.n_positions,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = GPT2LMHeadModel(config)
+    gen = model.generation_config
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)  # safetensors is the default serialisation
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn off every dropout in ``model``, even in train mode.
+
+    RL objectives compare log-probs of the same tokens across forward passes (e.g. the PPO ratio
+    of Schulman et al., 2017, Eq. 6); dropout noise would make that ratio differ from 1 with
+    unchanged weights. Covers ``nn.Dropout*`` modules, float ``*dropout*`` attributes that some
+    attention modules read at call time, and the ``*dropout*`` / ``*_pdrop`` config fields.
+    """
+    seen_configs: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            _zero_config_dropout(config, seen_configs)
+
+
+def _zero_config_dropout(config: PretrainedConfig, seen: set[int]) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):  # nested text/vision sub-configs
+            _zero_config_dropout(value, seen)
+        elif ("dropout" in name or name.endswith("_pdrop")) and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
+def _prepare_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding and a pad token distinct from EOS, resizing embeddings when one is added."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ModelLoadError(f"pad token id equals eos token id ({tokenizer.eos_token_id})")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for RL.
+
+    A local-looking ``name_or_path`` that does not exist raises :class:`ModelLoadError` naming it;
+    anything else is handed to ``from_pretrained`` (Hub ids included), and its errors are
+    re-raised as :class:`ModelLoadError` with the original message.
+
+    The tokenizer pads on the left; a missing pad token (or one equal to EOS) is replaced by
+    ``"<|pad|>"`` and the embeddings are resized. The model is returned in eval mode with dropout
+    disabled so log-probs are deterministic.
+    """
+    source = _resolve_source(name_or_path)
+    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {os.fspath(name_or_path)!r}: {exc}") from exc
+    _prepare_tokenizer(model, tokenizer)
+    model.to(device)
+    disable_dropout(model)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on each row's first real token.
+
+    Args:
+        mask: (B, T) attention mask, left padding allowed.
+
+    Returns:
+        (B, T) long tensor ``cumsum(mask) - 1`` clamped at 0, so a left-padded prompt sees the
+        same absolute positions as the unpadded one (learned position embeddings would otherwise
+        shift by the amount of padding).
+    """
+    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B, T) mask -> (B,) index of the last 1 on each row (0 for an all-zero row).
+
+    Works for left and right padding: positions are weighted by ``arange(T)`` so the largest
+    weighted entry is the last valid one.
+    """
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (mask.long() * positions).argmax(dim=-1)
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` accepts ``logits_to_keep`` (projects only the last positions)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probs of the response under ``softmax(logits / temperature)``.
+
+    Args:
+        model: causal LM returning ``.logits``.
+        input_ids: (B, T) ``[left-padded prompt (B, P) | right-padded response (B, R)]``.
+        attention_mask: (B, T), 1 on real tokens.
+        response_start: P, the column where responses begin.
+        temperature: τ used at sampling time; log-probs must use the same τ to match the
+            sampling distribution.
+        return_entropy: also return the (B, R) entropy of the τ-scaled distribution.
+
+    Returns:
+        (B, R) float32 log-probs (0 at response padding), or ``(logprobs, entropy)``.
+
+    Logits at positions P-1 .. T-2 predict tokens P .. T-1. Only the last R + 1 hidden states
+    go through the LM head (when the model supports ``logits_to_keep``), since prompt logits
+    are never used and the (B, T, V) projection dominates memory for large vocabularies.
+    """
+    total = input_ids.shape[1]
+    n_resp = total - response_start
+    if not 0 < response_start < total:
+        raise ValueError(f"response_start must be in (0, {total}), got {response_start}")
+    kwargs: dict[str, object] = {}
+    if supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = n_resp + 1
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -(n_resp + 1) : -1]  # (B, R, V): positions P-1 .. T-2
+    labels = input_ids[:, response_start:]
+    valid = attention_mask[:, response_start:].bool()
+    logprobs = logprobs_from_logits(logits, labels, temperature).masked_fill(~valid, 0.0)
+    if not return_entropy:
+        return logprobs
+    entropy = entropy_from_logits(logits, temperature).masked_fill(~valid, 0.0)
+    return logprobs, entropy
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar head (value / reward models)
+# --------------------------------------------------------------------------------------------
+
+
+class ScalarHeadModel(nn.Module):
+    """A transformer backbone with a linear ``H -> 1`` head.
+
+    Used per token as a PPO value model and at the last token as a reward model. ``mean`` and
+    ``std`` buffers (default 0 / 1) normalise :meth:`score`, e.g. to give the reward model zero
+    mean and unit variance on reference samples as in Ziegler et al. (2019), Sec. 2.2.
+
+    Passing a model with a task head (e.g. ``GPT2LMHeadModel``) keeps only its base model.
+    """
+
+    def __init__(self, backbone: PreTrainedModel) -> None:
+        super().__init__()
+        self.backbone = backbone.base_model
+        self.hidden_size = _hidden_size(self.backbone.config)
+        self.head = nn.Linear(self.hidden_size, 1)
+        # std 1/sqrt(H + 1) keeps the initial output at unit scale for unit-scale features
+        # (the reward-head initialisation of Ziegler et al., 2019). Uses torch's global RNG.
+        nn.init.normal_(self.head.weight, std=1.0 / (self.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+        reference = next(self.backbone.parameters())
+        self.head.to(device=reference.device, dtype=reference.dtype)
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.backbone.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) ids and mask -> (B, T) raw scalar at every position."""
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state.to(self.head.weight.dtype)  # (B, T, H)
+        return self.head(hidden).squeeze(-1)
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
+        values = self(input_ids, attention_mask)
+        index = last_token_index(attention_mask).unsqueeze(-1)
+        raw = values.gather(1, index).squeeze(1)
+        return (raw - self.mean) / self.std
+
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike[str],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Path:
+        """Write backbone (safetensors), head weights, head config and tokenizer atomically."""
+        out_dir = Path(out_dir).expanduser()
+        with atomic_directory(out_dir) as tmp:
+            self.backbone.save_pretrained(tmp)
+            head_state = {
+                k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()
+            }
+            save_file(head_state, tmp / HEAD_WEIGHTS_NAME, metadata={"format": "pt"})
+            head_config = {
+                "hidden_size": self.hidden_size,
+                "mean": float(self.mean),
+                "std": float(self.std),
+            }
+            (tmp / HEAD_CONFIG_NAME).write_text(json.dumps(head_config, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return out_dir
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        trust_remote_code: bool = False,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+    ) -> ScalarHeadModel:
+        """Load a saved scalar-head model, or seed one from any backbone folder / Hub id.
+
+        Without ``scalar_head.safetensors`` in the folder (e.g. a causal-LM checkpoint) the head is
+        freshly initialised; ``AutoModel`` loads only the backbone, ignoring any LM-head weights.
+        The result is in eval mode with dropout disabled, like :func:`load_causal_lm`.
+        """
+        source = _resolve_source(path)
+        try:
+            backbone = AutoModel.from_pretrained(
+                source, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load {os.fspath(path)!r}: {exc}") from exc
+        model = cls(backbone)
+        folder = Path(source)
+        if (folder / HEAD_WEIGHTS_NAME).is_file():
+            model.head.load_state_dict(load_file(folder / HEAD_WEIGHTS_NAME))
+            if (folder / HEAD_CONFIG_NAME).is_file():
+                head_config = json.loads((folder / HEAD_CONFIG_NAME).read_text())
+                model.mean.fill_(float(head_config.get("mean", 0.0)))
+                model.std.fill_(float(head_config.get("std", 1.0)))
+        model.to(device)
+        disable_dropout(model)
+        model.eval()
+        return model

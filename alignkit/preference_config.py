@@ -1,0 +1,86 @@
+"""Config schemas of the feedback and reward-model stages (``feedback.*``, ``reward_model.*``).
+
+Both are structured configs, so a misspelt key (``reward_model.epoch=2``) fails at composition
+with a message naming the key. The defaults are the small CPU budget of the built-in task: the
+whole pipeline (SFT -> feedback -> reward model -> RL -> eval) fits in minutes on two cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FeedbackConfig:
+    """``stage=feedback``: sample K responses per prompt and have an annotator label them.
+
+    Writes ``<run_dir>/feedback/<format>.jsonl`` in one of the formats of ``docs/feedback.md``.
+    """
+
+    policy: str | None = None
+    """Policy folder to sample from; null: ``model.path``, else ``<run_dir>/sft``."""
+    samples_per_prompt: int = 4
+    """K responses sampled per prompt (identical responses are merged before labelling)."""
+    num_prompts: int | None = None
+    """Prompts to label (a seeded random subset of the split); null: the whole split."""
+    format: str = "rankings"
+    """pairwise (every pair of the K responses compared) | rankings (K-wise) | ratings."""
+    annotator: str = "simulated_human"
+    """The ``annotator`` component that labels responses (a plugin may register its own)."""
+    noise: float = 0.0
+    """Annotator noise: flip probability (pairwise), Gumbel scale (rankings), rating std."""
+    annotator_temperature: float = 0.0
+    """> 0: pairwise labels are sampled from Bradley-Terry on gold scores at this temperature."""
+    rating_scale: int = 7
+    """Ratings are Likert scores in ``1..rating_scale``."""
+    seed: int = 0
+    """Seed of the sampling generator and the annotator's private random stream."""
+    temperature: float = 1.0
+    """Sampling temperature of the policy (1.0: its own distribution, i.e. reference samples)."""
+    max_new_tokens: int = 32
+    batch_size: int = 64
+    """Sequences generated per forward."""
+    split: str = "train"
+    """Task prompts to label: train | eval | all."""
+
+
+@dataclass
+class RewardModelConfig:
+    """``stage=reward_model``: train a scalar-head reward model on feedback files.
+
+    The loss is the ``rm_loss`` of the active ``reward=`` plugin (bradley_terry when none of
+    the active reward plugins defines one).
+    """
+
+    data: list[str] = field(default_factory=list)
+    """Feedback JSONL files, folders of them, or ``datasets.save_to_disk`` folders; empty:
+    ``<run_dir>/feedback``."""
+    backbone: str | None = None
+    """HF folder or hub name of the backbone; null: ``feedback.policy``, ``model.path``, else
+    ``<run_dir>/sft``."""
+    epochs: float = 2.0
+    """Passes over the training feedback (ignored when ``steps`` is set)."""
+    steps: int | None = None
+    """Optimiser steps; null: derived from ``epochs``."""
+    batch_size: int = 16
+    """Feedback groups (a pair, a ranking, or one prompt's ratings) per optimiser step."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.15
+    """Fraction of prompts held out (split by prompt, so no prompt is on both sides)."""
+    max_length: int = 96
+    """Tokens per (prompt, response) sequence; prompts lose tokens from the left."""
+    normalize: bool = True
+    """Shift and scale the output to mean 0, std 1 on the reference policy's samples."""
+    normalize_policy: str | None = None
+    """Policy whose fresh samples define the normalisation; null: the responses in the
+    feedback data (sampled from the policy that generated it)."""
+    normalize_samples: int = 512
+    """At most this many (prompt, response) pairs for the normalisation statistics."""
+    ensemble_size: int = 1
+    """> 1 trains members with seeds ``seed + i`` into ``reward_model/member_<i>``."""
+    score_batch_size: int = 64
+    """Sequences per forward when scoring (evaluation, normalisation)."""
+    log_every: int = 10

@@ -1,0 +1,92 @@
+"""Pieces every stage shares: the task, the base model, seeding and the optimizer schedule."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.context import RunContext
+from alignkit.data import read_prompt_records
+from alignkit.errors import ConfigError
+from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python and torch; return a dedicated generator for sampling."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def build_task(ctx: RunContext) -> Any:
+    """The configured task component (``task.name``)."""
+    tcfg = ctx.cfg.task
+    return ctx.registry.build(
+        "task", tcfg.name, seed=int(tcfg.seed), max_operand=int(tcfg.max_operand)
+    )
+
+
+def train_prompts(ctx: RunContext) -> list[Any]:
+    """RL prompts: ``task.prompt_data`` if set, else the task's training split."""
+    path = ctx.cfg.task.prompt_data
+    if path:
+        return read_prompt_records(path, type(ctx.task.train_prompts()[0]))
+    return ctx.task.train_prompts()
+
+
+def base_model_path(ctx: RunContext) -> str:
+    """``model.path``, or the task's tiny model built (once) into ``<run_dir>/base_model``."""
+    if ctx.cfg.model.path:
+        return str(ctx.cfg.model.path)
+    out = ctx.run_dir / "base_model"
+    if not (out / "config.json").is_file():
+        t = ctx.cfg.model.tiny
+        spec = TinyModelSpec(
+            vocab_size=int(t.vocab_size),
+            n_layer=int(t.n_layer),
+            n_head=int(t.n_head),
+            n_embd=int(t.n_embd),
+            n_positions=int(t.n_positions),
+            seed=int(ctx.cfg.seed),
+        )
+        build_tiny_model(out, ctx.task.corpus(), spec)
+    return str(out)
+
+
+def load_model(ctx: RunContext, path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and tokenizer with the configured dtype, device and remote-code policy."""
+    m = ctx.cfg.model
+    return load_causal_lm(
+        str(path),
+        dtype=str(m.dtype),
+        device=ctx.device,
+        trust_remote_code=bool(m.trust_remote_code),
+        revision=m.revision,
+    )
+
+
+def linear_warmup_decay(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 10% at ``total``."""
+    if total <= 0:
+        raise ConfigError(f"a stage needs at least one step, got steps={total}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(0.1, 1.0 - 0.9 * frac)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def configure_threads(ctx: RunContext) -> None:
+    threads = ctx.cfg.backend.threads
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -1,0 +1,71 @@
+"""``stage=rl``: online RL of a policy with the active algorithm and reward plugins."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from alignkit.context import RunContext
+from alignkit.engine import Engine
+from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
+from alignkit.stages.sft import save_policy
+from alignkit.tracking import console
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference policy: an eval-mode copy with gradients off."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
+    """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler."""
+    rl = ctx.cfg.rl
+    policy, tokenizer = load_model(ctx, policy_path)
+    # Dropout stays off (load_causal_lm disables it): log-probs must be deterministic.
+    policy.train()
+    ref = frozen_copy(policy) if float(rl.kl_coef) > 0 else None
+    o = rl.optim
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=float(o.lr),
+        betas=tuple(o.betas),
+        eps=float(o.eps),
+        weight_decay=float(o.weight_decay),
+    )
+    scheduler = linear_warmup_decay(optimizer, 0, int(rl.steps))
+    return dataclasses.replace(
+        ctx,
+        run_dir=ctx.stage_dir("rl"),
+        policy=policy,
+        tokenizer=tokenizer,
+        ref_policy=ref,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+
+
+def run_rl(
+    ctx: RunContext, policy_path: str | Path | None = None
+) -> tuple[dict[str, float], RunContext]:
+    """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context."""
+    path = policy_path or ctx.cfg.model.path
+    if not path:
+        from alignkit.errors import ConfigError
+
+        raise ConfigError(
+            "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
+        )
+    rl_ctx = setup_rl(ctx, path)
+    engine = Engine(rl_ctx, train_prompts(rl_ctx))
+    last = engine.run()
+    out = save_policy(rl_ctx, rl_ctx.policy, rl_ctx.tokenizer, rl_ctx.run_dir / "policy")
+    console.print(f"RL policy saved to {out}")
+    summary = {f"rl_final/{k}": v for k, v in last.items() if not k.startswith("time/")}
+    rl_ctx.plugins.call("run_end", ctx=rl_ctx, summary=summary)
+    return summary, rl_ctx

@@ -1,0 +1,1 @@
+"""alignkit's Hydra config tree, shipped as package data (``pkg://alignkit.conf``)."""

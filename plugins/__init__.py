@@ -1,0 +1,1 @@
+"""First-party alignkit plugins, each registered through the ``alignkit`` entry-point group."""

@@ -1,0 +1,84 @@
+"""The core plugin: the built-in task and stages, and the default sampling rollout.
+
+Always active. Its ``rollout`` is registered ``trylast`` so an algorithm plugin may replace
+it (an offline method reads stored pairs instead of sampling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alignkit import Rollout, RunContext, hookimpl
+from alignkit.generation import decode_responses, generate, tokenize_prompts
+from alignkit.models import sequence_logprobs
+from alignkit.registry import ComponentRegistry
+from alignkit.tasks import AssistTask
+
+
+@hookimpl
+def register_components(registry: ComponentRegistry) -> None:
+    from alignkit.stages.evaluate import run_eval
+    from alignkit.stages.pipeline import run_pipeline
+    from alignkit.stages.rl import run_rl
+    from alignkit.stages.sft import run_sft
+
+    registry.add("task", "assist", AssistTask)
+    registry.add("stage", "sft", run_sft)
+    registry.add("stage", "rl", lambda ctx: run_rl(ctx)[0])
+    registry.add("stage", "eval", run_eval)
+    registry.add("stage", "pipeline", run_pipeline)
+
+
+@hookimpl(trylast=True)
+def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
+    """Sample ``rl.samples_per_prompt`` responses per prompt with the current policy.
+
+    Prompts are left-padded; sampling uses the KV cache and the run's seeded generator; the
+    sampling log-probs are taken once here (from ``logits / temperature``), and the reference
+    log-probs only when a KL term is configured (``rl.kl_coef > 0``).
+    """
+    rl, tok, policy = ctx.cfg.rl, ctx.tokenizer, ctx.policy
+    group = int(rl.samples_per_prompt)
+    texts = [ctx.task.format_prompt(r) for r in records]
+    ids, mask = tokenize_prompts(tok, texts, max_length=int(ctx.cfg.task.max_prompt_tokens))
+    ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+    was_training = policy.training
+    policy.eval()
+    out = generate(
+        policy,
+        ids,
+        mask,
+        max_new_tokens=int(rl.max_new_tokens),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        temperature=float(rl.temperature),
+        top_k=int(rl.top_k),
+        top_p=float(rl.top_p),
+        generator=ctx.generator,
+    )
+    policy.train(was_training)
+    batch = Rollout(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        response_ids=out.response_ids,
+        response_mask=out.response_mask.float(),
+        group_ids=torch.arange(len(records)).repeat_interleave(group),
+        prompts=[t for t in texts for _ in range(group)],
+        responses=decode_responses(tok, out.response_ids, out.response_mask),
+        records=[r for r in records for _ in range(group)],
+        finished=out.finished,
+        logprobs=out.logprobs,
+    )
+    if ctx.ref_policy is not None and float(rl.kl_coef) > 0:
+        with torch.no_grad():
+            seq, seq_mask = batch.sequences()
+            batch.ref_logprobs = (
+                sequence_logprobs(
+                    ctx.ref_policy, seq, seq_mask, ids.shape[1], temperature=float(rl.temperature)
+                )
+                * batch.response_mask
+            )
+    return batch

@@ -1,0 +1,316 @@
+"""Batched KV-cache sampling against unbatched and cache-free references."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alignkit.generation import GenerationOutput, decode_responses, generate, tokenize_prompts
+from alignkit.models import (
+    TinyModelSpec,
+    build_tiny_model,
+    load_causal_lm,
+    position_ids_from_mask,
+    sequence_logprobs,
+)
+
+SPEC = TinyModelSpec(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_positions=64, seed=0)
+CORPUS = [
+    " ".join(parts)
+    for parts in itertools.product(
+        ["the cat", "a dog", "my friend", "a small bird"],
+        ["sat on", "ran to", "looked at"],
+        ["the mat.", "a tree!", "the red house?"],
+    )
+]
+PROMPTS = ["the cat", "a small bird looked at the", "my"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine the thread
+    hand-offs dominate each forward; one thread keeps these tests fast and their timing stable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("gen") / "model", CORPUS, SPEC)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir: Path):
+    return load_causal_lm(str(model_dir))
+
+
+@pytest.fixture
+def fresh_lm(model_dir: Path):
+    """A private copy for tests that attach hooks."""
+    return load_causal_lm(str(model_dir))
+
+
+def _ids(tokenizer) -> dict[str, int]:
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def _bias_hook(model: nn.Module, bias_fn) -> torch.utils.hooks.RemovableHandle:
+    """Add ``bias_fn(call_index, logits)`` to the LM-head output; counts forward calls."""
+    calls = itertools.count()
+
+    def hook(module, inputs, output):
+        return output + bias_fn(next(calls), output)
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def _token_bias(vocab: int, token: int, value: float) -> torch.Tensor:
+    bias = torch.zeros(vocab)
+    bias[token] = value
+    return bias
+
+
+def _real(out: GenerationOutput, row: int) -> list[int]:
+    return out.response_ids[row][out.response_mask[row].bool()].tolist()
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def test_tokenize_prompts_left_pads_and_left_truncates(lm) -> None:
+    _, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    encoded = [tokenizer.encode(p) for p in PROMPTS]
+    assert ids.shape == mask.shape == (3, max(map(len, encoded)))
+    for row, enc in enumerate(encoded):
+        assert ids[row, ids.shape[1] - len(enc) :].tolist() == enc
+        assert mask[row].tolist() == [0] * (ids.shape[1] - len(enc)) + [1] * len(enc)
+        assert set(ids[row, : ids.shape[1] - len(enc)].tolist()) <= {tokenizer.pad_token_id}
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS, max_length=3)
+    assert ids.shape[1] == 3
+    assert ids[1].tolist() == encoded[1][-3:]  # the end of the prompt is kept
+    with pytest.raises(ValueError):
+        tokenize_prompts(tokenizer, [])
+
+
+# ------------------------------------------------------------------------------ greedy
+
+
+def test_batched_left_padded_greedy_equals_each_prompt_alone(lm) -> None:
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    batched = generate(model, ids, mask, max_new_tokens=10, greedy=True, **_ids(tokenizer))
+    for row, prompt in enumerate(PROMPTS):
+        one_ids, one_mask = tokenize_prompts(tokenizer, [prompt])
+        alone = generate(
+            model, one_ids, one_mask, max_new_tokens=10, greedy=True, **_ids(tokenizer)
+        )
+        assert _real(batched, row) == _real(alone, 0)
+        n = len(_real(alone, 0))
+        torch.testing.assert_close(
+            batched.logprobs[row, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0
+        )
+
+
+def test_kv_cache_greedy_equals_naive_full_recompute(lm) -> None:
+    model, tokenizer = lm
+    prompt = tokenizer.encode(PROMPTS[1])
+    out = generate(
+        model,
+        torch.tensor([prompt]),
+        torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=12,
+        greedy=True,
+        **_ids(tokenizer),
+    )
+    seq, naive = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            next_token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            naive.append(next_token)
+            seq.append(next_token)
+            if next_token == tokenizer.eos_token_id:
+                break
+    assert out.response_ids[0].tolist() == naive
+
+
+def test_top_k_1_and_tiny_top_p_reduce_to_greedy(lm) -> None:
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    greedy = generate(model, ids, mask, max_new_tokens=6, greedy=True, **_ids(tokenizer))
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        gen = torch.Generator().manual_seed(0)
+        sampled = generate(
+            model, ids, mask, max_new_tokens=6, generator=gen, **kwargs, **_ids(tokenizer)
+        )
+        assert torch.equal(sampled.response_ids, greedy.response_ids)
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def _sample(model, tokenizer, seed: int, **kwargs) -> GenerationOutput:
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    gen = torch.Generator().manual_seed(seed)
+    return generate(model, ids, mask, max_new_tokens=8, generator=gen, **kwargs, **_ids(tokenizer))
+
+
+def test_same_seed_same_samples_different_seed_different(lm) -> None:
+    model, tokenizer = lm
+    a, b, c = (_sample(model, tokenizer, seed) for seed in (7, 7, 8))
+    assert torch.equal(a.response_ids, b.response_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_top_k_samples_only_top_k_tokens(lm) -> None:
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    out = _sample(model, tokenizer, 0, top_k=3)
+    full_ids = torch.cat([ids, out.response_ids], dim=1)
+    full_mask = torch.cat([mask, out.response_mask], dim=1)
+    with torch.no_grad():
+        logits = model(
+            full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)
+        ).logits[:, ids.shape[1] - 1 : -1]
+    top3 = logits.topk(3, dim=-1).indices
+    in_top = (top3 == out.response_ids[..., None]).any(-1)
+    assert torch.all(in_top[out.response_mask.bool()])
+
+
+@pytest.fixture
+def eos_prone(fresh_lm) -> Iterator[tuple[nn.Module, object]]:
+    """The model with a constant bias toward EOS, so sampled lengths vary (stateless hook)."""
+    model, tokenizer = fresh_lm
+    bias = _token_bias(len(tokenizer), tokenizer.eos_token_id, 3.0)
+    handle = _bias_hook(model, lambda _, logits: bias)
+    yield model, tokenizer
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 20, 0.9)]
+)
+def test_logprobs_match_recomputation(eos_prone, temperature, top_k, top_p) -> None:
+    model, tokenizer = eos_prone
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS * 2)
+    gen = torch.Generator().manual_seed(1)
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=10,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=gen,
+        **_ids(tokenizer),
+    )
+    # The bias makes some rows stop early and others not, so padding is exercised.
+    assert out.finished.any() and out.response_mask.eq(0).any()
+    with torch.no_grad():
+        recomputed = sequence_logprobs(
+            model,
+            torch.cat([ids, out.response_ids], dim=1),
+            torch.cat([mask, out.response_mask], dim=1),
+            response_start=ids.shape[1],
+            temperature=temperature,
+        )
+    torch.testing.assert_close(out.logprobs, recomputed, atol=1e-4, rtol=0)
+    assert torch.all(out.logprobs[out.response_mask == 0] == 0)
+
+
+# ------------------------------------------------------------------------------ stopping
+
+
+def test_eos_then_padding_and_finished_flags(fresh_lm) -> None:
+    model, tokenizer = fresh_lm
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def bias(call: int, logits: torch.Tensor) -> torch.Tensor:
+        # Call 0 is the prefill, so call k yields response token k. Row 0 is forced to EOS at
+        # token 3; row 1 can never emit EOS.
+        out = torch.zeros_like(logits)
+        out[1, :, eos] = -1e9
+        if call == 3:
+            out[0, :, eos] = 1e9
+        return out
+
+    handle = _bias_hook(model, bias)
+    try:
+        ids, mask = tokenize_prompts(tokenizer, PROMPTS[:2])
+        gen = torch.Generator().manual_seed(0)
+        out = generate(
+            model, ids, mask, max_new_tokens=7, generator=gen, eos_token_id=eos, pad_token_id=pad
+        )
+    finally:
+        handle.remove()
+    assert out.response_ids.shape == out.response_mask.shape == out.logprobs.shape == (2, 7)
+    assert out.finished.tolist() == [True, False]
+    assert out.response_ids[0, 3].item() == eos
+    assert out.response_ids[0, 4:].tolist() == [pad] * 3
+    assert out.response_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0]  # EOS itself is kept
+    assert out.response_mask[1].tolist() == [1] * 7
+    assert eos not in out.response_ids[1].tolist()
+    assert torch.all(out.logprobs[0, 4:] == 0) and torch.all(out.logprobs[:, :3] < 0)
+    assert out.logprobs[0, 3].item() > -1e-3  # EOS was (almost) certain
+
+
+def test_stops_early_when_every_row_finished(fresh_lm) -> None:
+    model, tokenizer = fresh_lm
+    bias = _token_bias(len(tokenizer), tokenizer.eos_token_id, 1e9)
+    handle = _bias_hook(model, lambda call, _: bias if call >= 1 else 0.0)
+    try:
+        ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+        out = generate(model, ids, mask, max_new_tokens=20, greedy=True, **_ids(tokenizer))
+    finally:
+        handle.remove()
+    assert out.response_ids.shape == (3, 2)
+    assert out.response_ids[:, 1].tolist() == [tokenizer.eos_token_id] * 3
+    assert out.finished.all() and out.response_mask.all()
+
+
+def test_max_new_tokens_respected(fresh_lm) -> None:
+    model, tokenizer = fresh_lm
+    bias = _token_bias(len(tokenizer), tokenizer.eos_token_id, -1e9)
+    handle = _bias_hook(model, lambda *_: bias)
+    try:
+        out = _sample(model, tokenizer, 0)
+        no_lp = _sample(model, tokenizer, 0, return_logprobs=False)
+    finally:
+        handle.remove()
+    assert out.response_ids.shape == (3, 8)
+    assert out.response_mask.all() and not out.finished.any()
+    assert no_lp.logprobs is None and torch.equal(no_lp.response_ids, out.response_ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_new_tokens": 0}, {"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}],
+)
+def test_invalid_arguments(lm, kwargs) -> None:
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    with pytest.raises(ValueError):
+        generate(model, ids, mask, **{"max_new_tokens": 4, **kwargs}, **_ids(tokenizer))
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+def test_decode_responses(lm) -> None:
+    _, tokenizer = lm
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    first = [*tokenizer.encode(" sat on the mat."), eos]
+    second = tokenizer.encode(" ran  to\na tree!")
+    width = max(len(first), len(second)) + 1
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in (first, second)])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in (first, second)])
+    assert decode_responses(tokenizer, ids, mask) == ["sat on the mat.", "ran  to\na tree!"]
