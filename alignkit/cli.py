@@ -21,12 +21,11 @@ CONFIG_PATH = "pkg://alignkit.conf"
 def _registration() -> tuple[Any, Any]:
     """Discover plugins and let each contribute schemas and components (before composition)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from alignkit.config import register_base_schemas
     from alignkit.plugins import PluginManager
     from alignkit.registry import ComponentRegistry
-
-    from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("alignkit.first"):
         OmegaConf.register_new_resolver("alignkit.first", lambda a, b: b if a is None else a)
@@ -56,10 +55,9 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
     from omegaconf import OmegaConf
 
     from alignkit.context import RunContext
+    from alignkit.plugins import PluginManager
     from alignkit.stages.common import build_task, configure_threads, seed_everything
     from alignkit.tracking import Tracker, print_summary
-
-    from alignkit.plugins import PluginManager
 
     # A fresh manager per job: in a multirun each job activates its own plugins, and class
     # plugins get fresh state.
@@ -133,7 +131,7 @@ def _quiet_libraries() -> None:
 def _plugins_command() -> int:
     from rich.table import Table
 
-    from alignkit.plugins import describe, discover
+    from alignkit.plugins import describe, discover, import_failure_message
 
     installed = discover()
     table = Table(title="alignkit plugins")
@@ -144,10 +142,11 @@ def _plugins_command() -> int:
     from rich.console import Console
 
     Console(width=160).print(table)
-    for info in installed.values():
-        if not info.ok:
-            print(f"\nplugin {info.name!r} failed to import:\n{info.error}", file=sys.stderr)
-    return 0
+    broken = [info for info in installed.values() if not info.ok]
+    for info in broken:
+        print(f"\n{import_failure_message(info)}", file=sys.stderr)
+    # Non-zero when a plugin is broken, so a CI check of the environment fails loudly.
+    return 1 if broken else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,6 +87,20 @@ def combine_rewards(
     return total, components
 
 
+def _check_batch(batch: Any, hook: str, plugin: str) -> None:
+    """A phase hook's batch must be a consistent Rollout; the error names plugin and hook."""
+    if not isinstance(batch, Rollout):
+        raise PluginError(
+            f"plugin {plugin!r} returned {type(batch).__name__} from {hook!r}, expected Rollout"
+        )
+    try:
+        batch.validate()
+    except ValueError as exc:
+        raise PluginError(
+            f"plugin {plugin!r} returned an inconsistent batch from {hook!r}: {exc}"
+        ) from None
+
+
 def batch_metrics(batch: Rollout) -> dict[str, float]:
     """Reward components and response statistics of a scored batch."""
     metrics: dict[str, float] = {}
@@ -134,9 +148,7 @@ class Engine:
         t = time.perf_counter()
         records = self.sampler.next(int(self.cfg.prompts_per_step))
         batch: Rollout = pm.call("rollout", ctx=ctx, records=records)
-        if not isinstance(batch, Rollout):
-            raise PluginError(f"rollout returned {type(batch).__name__}, expected Rollout")
-        batch.validate()
+        _check_batch(batch, "rollout", pm.implementers("rollout")[0])
         timings["time/rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -146,12 +158,11 @@ class Engine:
 
         t = time.perf_counter()
         batch = pm.call("advantage", ctx=ctx, batch=batch)
-        if not isinstance(batch, Rollout) or batch.advantages is None:
+        _check_batch(batch, "advantage", pm.implementers("advantage")[0])
+        if batch.advantages is None:
             raise PluginError(
-                f"advantage hook ({pm.implementers('advantage')[0]}) must return "
-                "the batch with advantages set"
+                f"plugin {pm.implementers('advantage')[0]!r} returned a batch without advantages"
             )
-        batch.validate()
         timings["time/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()

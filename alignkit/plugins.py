@@ -78,13 +78,9 @@ def _load_target(target: str) -> Any:
 
 
 def _hook_names(obj: Any) -> list[str]:
-    """Names of the functions of ``obj`` that implement an alignkit hook spec."""
-    specs = {name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)}
-    names = []
-    for name in dir(obj):
-        if name in specs and callable(getattr(obj, name, None)):
-            names.append(name)
-    return sorted(names)
+    """Names of the ``@hookimpl``-marked functions of ``obj`` (what pluggy will call)."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    return sorted(name for name in dir(obj) if hasattr(getattr(obj, name, None), marker))
 
 
 def _entry_point_candidates() -> Iterable[tuple[str, str, str]]:
@@ -140,7 +136,10 @@ def _new_pluggy_manager() -> pluggy.PluginManager:
 
 
 def import_failure_message(info: PluginInfo) -> str:
-    return f"plugin {info.name!r} ({info.source}, {info.target}) failed to import:\n{info.error}"
+    what = info.error or ""
+    if not what.startswith("violates"):
+        what = f"failed to import:\n{what}"
+    return f"plugin {info.name!r} ({info.source}, {info.target}) {what}"
 
 
 class PluginManager:
@@ -160,14 +159,31 @@ class PluginManager:
         reg = _new_pluggy_manager()
         for info in self.installed.values():
             if info.ok:
+                self._validate_alone(info)
+            if info.ok:
                 self._register(reg, info)
             else:
                 print(f"alignkit: warning: {import_failure_message(info)}", file=sys.stderr)
-        reg.check_pending()
-        reg.hook.register_configs(config_store=config_store)
+        for impl in reg.hook.register_configs.get_hookimpls():
+            _call_named(impl, "register_configs", config_store=config_store)
         for impl in reg.hook.register_components.get_hookimpls():
             # Each plugin's registrations carry its name, so a clash names both owners.
-            impl.function(registry=_OwnedRegistry(registry, impl.plugin_name))
+            owned = _OwnedRegistry(registry, impl.plugin_name)
+            _call_named(impl, "register_components", registry=owned)
+
+    def _validate_alone(self, info: PluginInfo) -> None:
+        """Check one plugin against the specs; a broken one is marked, not fatal, until used.
+
+        A misspelt hook in an installed but inactive plugin must not stop every run, so the
+        error is kept on the plugin (shown as a warning and by ``alignkit plugins``) and
+        raised only if the config activates it.
+        """
+        probe = _new_pluggy_manager()
+        try:
+            probe.register(_instantiate(info.obj), name=info.name)
+            probe.check_pending()
+        except pluggy.PluginValidationError as exc:
+            info.error = f"violates the hook contract: {exc}"
 
     # -- activation ---------------------------------------------------------------------------
 
@@ -232,6 +248,14 @@ class PluginManager:
             print(f"[alignkit hook] {hook_name} {status}", file=sys.stderr)
 
         self.pm.add_hookcall_monitoring(before, after)
+
+
+def _call_named(impl: Any, hook: str, **kwargs: Any) -> None:
+    """Call one registration hook implementation; an exception names plugin and hook."""
+    try:
+        impl.function(**kwargs)
+    except Exception as exc:
+        raise HookError(impl.plugin_name, hook, exc) from exc
 
 
 def _short(outcome: Any) -> str:

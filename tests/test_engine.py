@@ -221,3 +221,18 @@ def test_sigkill_during_checkpoint_write_keeps_last_good_one(tmp_path: Path) -> 
     ctx.cfg = OmegaConf.create({"rl": {"keep_checkpoints": 2}})
     assert load_checkpoint(ctx, latest)["step"] == 1
     assert not (tmp_path / "run" / "checkpoints" / "step_000002").exists()
+
+
+def test_eos_penalty_component_marks_truncated_responses(tmp_path: Path) -> None:
+    from alignkit_plugins import eos_penalty
+
+    batch = _rollout(b=4)
+    batch.finished = torch.tensor([True, False, True, False])
+    out = eos_penalty.reward(ctx=_ctx(tmp_path), batch=batch)
+    assert torch.equal(out["eos_penalty"], torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    ctx = _ctx(tmp_path, reward={"gold": {"weight": 1.0}, "eos_penalty": {"weight": -2.0}})
+    total, _ = combine_rewards(ctx, [out, {"gold": torch.tensor([1.0, 1.0, 0.0, 0.5])}], rows=4)
+    assert torch.allclose(total, torch.tensor([1.0, -1.0, 0.0, -1.5]))
+    batch.finished = None
+    with pytest.raises(ValueError, match="finished"):
+        eos_penalty.reward(ctx=_ctx(tmp_path), batch=batch)

@@ -143,7 +143,7 @@ def test_plugins_command_lists_every_plugin_and_its_hooks() -> None:
         PYTHONPATH=f"{PROBE_PKG}:{TESTS}",
     )
     proc = run_cli(["plugins"], env=env)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1  # a broken plugin makes the listing fail loudly
     out = proc.stdout
     for name in ("core", "gold", "reinforce", "probe", "broken"):
         assert name in out
@@ -259,3 +259,37 @@ def test_failing_hook_names_plugin_and_keeps_existing_outputs(
     assert "RuntimeError: probe was told to fail in update" in proc.stderr
     assert precious.read_text() == "earlier results\n"
     assert not (run_dir / "summary.json").exists()
+
+
+def test_broken_inactive_plugin_does_not_stop_a_run(tmp_path: Path) -> None:
+    class Typo(_Algo):
+        @hookimpl
+        def rolout(self, ctx, records):  # type: ignore[no-untyped-def]
+            return None
+
+    class Failing:
+        @hookimpl
+        def register_configs(self, config_store):  # type: ignore[no-untyped-def]
+            raise KeyError("bad schema")
+
+    from alignkit.registry import ComponentRegistry
+
+    pm = PluginManager(installed=_installed(typo=Typo()))
+    pm.run_registration(config_store=None, registry=ComponentRegistry())  # warns, goes on
+    assert "violates the hook contract" in (pm.installed["typo"].error or "")
+    with pytest.raises(PluginError, match="rolout"):
+        pm.activate(["typo"])
+    pm = PluginManager(installed=_installed(failing=Failing()))
+    with pytest.raises(HookError, match="plugin 'failing' failed in hook 'register_configs'"):
+        pm.run_registration(config_store=None, registry=ComponentRegistry())
+
+
+def test_listed_hooks_are_only_marked_implementations() -> None:
+    class Mixed(_Algo):
+        def reward(self, ctx, batch):  # type: ignore[no-untyped-def]  # not marked: not a hook
+            return None
+
+    installed = _installed(mixed=Mixed())
+    from alignkit.plugins import _hook_names
+
+    assert _hook_names(installed["mixed"].obj) == ["advantage", "rollout", "update"]
