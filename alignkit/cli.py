@@ -50,6 +50,55 @@ def _active_plugins(cfg: Any) -> dict[str, str]:
     return wanted
 
 
+def wandb_settings(cfg: Any) -> dict[str, Any]:
+    """W&B group, name and tags: from the config, else from the sweep and its overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    wcfg: dict[str, Any] = OmegaConf.to_container(cfg.logger.wandb, resolve=True)  # type: ignore[assignment]
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        # One group per sweep, one run per job named after what that job overrides.
+        wcfg["group"] = wcfg.get("group") or "_".join(Path(hydra_cfg.sweep.dir).parts[-2:])
+        wcfg["name"] = wcfg.get("name") or hydra_cfg.job.override_dirname or None
+    algo = cfg.get("algorithm")
+    tags = [*wcfg.get("tags", [])]
+    if algo is not None and algo.get("name"):
+        tags.append(f"algorithm:{algo.name}")
+    tags += [f"reward:{name}" for name in cfg.get("reward") or {}]
+    tags.append(f"backend:{cfg.backend.name}")
+    wcfg["tags"] = list(dict.fromkeys(tags))
+    return wcfg
+
+
+def run_metadata() -> dict[str, Any]:
+    """Git commit and package versions, recorded with every run for reproducibility."""
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("alignkit", "torch", "transformers", "pluggy", "hydra-core", "wandb"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "versions": versions}
+
+
 def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str, float]:
     """Activate the plugins the config names, build the context and run ``cfg.stage``."""
     from omegaconf import OmegaConf
@@ -68,10 +117,10 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
         raise ConfigError(
             f"stage={cfg.stage!r} is not a known stage; known: {', '.join(registry.names('stage'))}"
         )
-    wcfg = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    wcfg = wandb_settings(cfg)
     tracker = Tracker(
         run_dir,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True), "meta": run_metadata()},
         wandb_cfg=wcfg,  # type: ignore[arg-type]
     )
     ctx = RunContext(cfg=cfg, run_dir=run_dir, plugins=manager, registry=registry, tracker=tracker)
@@ -107,7 +156,7 @@ def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], A
             report_error(exc)
             raise SystemExit(2) from None
         # The return value is what Hydra's sweepers (e.g. Optuna) optimise.
-        value = summary.get("gold_score_policy", summary.get("gold_score_sft"))
+        value = summary.get(str(cfg.objective), summary.get("gold_score_sft"))
         return float(value) if isinstance(value, int | float) else None
 
     return app

@@ -162,6 +162,9 @@ class AlignkitConfig:
     seed: int = 0
     run_dir: str | None = None
     """Where outputs go; null uses Hydra's output directory."""
+    objective: str = "gold_score_policy"
+    """The ``summary.json`` key the run returns to Hydra's sweepers (e.g. Optuna maximises it);
+    falls back to ``gold_score_sft`` for stages that have no policy score."""
     plugins: list[str] = field(default_factory=list)
     """Extra plugins to activate besides the algorithm and the rewards."""
     model: ModelConfig = field(default_factory=ModelConfig)

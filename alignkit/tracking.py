@@ -26,6 +26,10 @@ from alignkit.io import atomic_write_text
 
 console = Console(stderr=True)
 
+RUN_ID_FILE = "wandb_run_id"
+STAGES = ("sft", "feedback", "reward_model", "rl", "eval")
+"""Stages whose metrics W&B plots against their own ``<stage>/step`` axis."""
+
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization)", re.I)
 REDACTED = "***"
 
@@ -108,12 +112,19 @@ class Tracker:
             self._wandb_run = self._init_wandb(wandb, mode, wcfg, config)
         finally:
             sys.argv = argv
-        for stage in ("sft", "rl", "eval"):
+        # A resumed run (same run directory) continues the same W&B run.
+        atomic_write_text(self.run_dir / RUN_ID_FILE, self._wandb_run.id + "\n")
+        for stage in STAGES:
             self._wandb_run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
-    @staticmethod
-    def _init_wandb(wandb: Any, mode: str, wcfg: dict[str, Any], config: dict[str, Any]) -> Any:
+    def _init_wandb(
+        self, wandb: Any, mode: str, wcfg: dict[str, Any], config: dict[str, Any]
+    ) -> Any:
+        id_file = self.run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
         return wandb.init(
+            id=run_id,
+            resume="allow" if run_id else None,
             mode=mode,
             dir=str(wcfg["dir"]),
             project=wcfg.get("project") or "alignkit",
@@ -190,7 +201,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 # reading offline W&B runs back (no server needed)
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK = 32 * 1024
+_BLOCK = 32 * 1024  # the W&B run file is a leveldb-style log of 32 KiB blocks
 _HEADER = 7  # ":W&B" + magic (uint16) + version (uint8)
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 

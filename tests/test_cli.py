@@ -119,3 +119,30 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_sft(tmp_path: Path) -> None:
         text=True,
     )
     assert "alignkit_plugins.reinforce" in plugins.stdout
+
+
+def test_multirun_jobs_are_wandb_runs_grouped_by_sweep(tmp_path: Path) -> None:
+    from alignkit.tracking import read_wandb_offline_run
+
+    sweep = tmp_path / "2026-01-01" / "12-00-00"
+    proc = run_cli(
+        [
+            "-m",
+            "stage=sft",
+            "experiment=smoke",
+            "sft.steps=3",
+            "eval.num_prompts=4",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_wandb_offline_run(f) for f in sorted(sweep.glob("*/wandb/offline-run-*/*.wandb"))]
+    assert len(runs) == 2
+    assert {r["group"] for r in runs} == {"2026-01-01_12-00-00"}
+    assert sorted(r["name"] for r in runs) == [
+        "eval.num_prompts=4,experiment=smoke,seed=0,sft.steps=3,stage=sft",
+        "eval.num_prompts=4,experiment=smoke,seed=1,sft.steps=3,stage=sft",
+    ]
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1]
+    assert all("gold_score_sft" in r["summary"] for r in runs)

@@ -105,7 +105,10 @@ def test_pipeline_logs_to_wandb_offline_and_reads_back(tmp_path: Path) -> None:
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     run = read_wandb_offline_run(files[0])
-    assert run["group"] == "g1" and run["tags"] == ["smoke"]
+    assert run["group"] == "g1"
+    assert run["tags"] == ["smoke", "algorithm:reinforce", "reward:gold", "backend:cpu"]
+    assert run["config"]["meta"]["versions"]["torch"].startswith("2.")
+    assert len(run["config"]["meta"]["git_commit"] or "") == 40
     assert run["config"]["algorithm"]["name"] == "reinforce"
     assert run["config"]["stage"] == "pipeline"
     # An explicitly added secret-looking key is redacted before it reaches W&B.
