@@ -29,6 +29,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the policy in RL (``model.lora.r > 0``; needs ``alignkit[lora]``).
+
+    The reference policy is then the same model with its adapters disabled: no second copy.
+    """
+
+    r: int = 0
+    """Adapter rank; 0 trains all weights."""
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
 class ModelConfig:
     """The base policy: a transformers causal LM, from a folder or a hub name."""
 
@@ -38,6 +52,7 @@ class ModelConfig:
     dtype: str = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

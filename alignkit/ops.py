@@ -280,8 +280,8 @@ def whiten_advantages(
 ) -> Tensor:
     """Advantages normalised to zero mean, unit variance over valid tokens only (B, R).
 
-    Statistics come from every valid token of the batch (Huang et al. 2024, "N implementation
-    details of RLHF with PPO", detail 6); padding gets 0.
+    Statistics come from every valid token of the batch (Huang et al. 2024, "The N
+    implementation details of RLHF with PPO"); padding gets 0.
     """
     return masked_whiten(advantages, mask, shift_mean=shift_mean, eps=eps)
 
@@ -396,7 +396,8 @@ def clipped_policy_loss(
 def clipped_value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
 ) -> tuple[Tensor, Tensor]:
-    """PPO's clipped value loss, per token (Huang et al. 2024, detail 7; cleanrl ``ppo.py``).
+    """PPO's clipped value loss, per token, as in PPO's reference implementation (Huang et al.
+    2024).
 
     ::
 

@@ -160,3 +160,28 @@ def test_sft_from_a_jsonl_file(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["sft_examples"] == 8.0
+
+
+def test_rl_with_lora_exports_a_merged_policy(sft_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft", reason="LoRA needs the optional 'lora' extra (peft)")
+    proc = run_cli(
+        [
+            "stage=rl",
+            *SMOKE,
+            "model.lora.r=4",
+            "rl.optim.lr=1e-2",
+            f"model.path={sft_run / 'sft'}",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "rl" / "policy")
+    base = AutoModelForCausalLM.from_pretrained(sft_run / "sft")
+    assert not any("lora" in name for name in exported.state_dict())
+    changed = [
+        name
+        for name, p in exported.state_dict().items()
+        if not torch.equal(p, base.state_dict()[name])
+    ]
+    # Only the adapted layers moved (merged updates); embeddings stayed frozen.
+    assert changed and all(".attn." in n or ".mlp." in n for n in changed)

@@ -10,9 +10,17 @@ import torch
 
 from alignkit.context import RunContext
 from alignkit.engine import Engine
+from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
 from alignkit.tracking import console
+
+
+def make_reference(policy: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference: the base with adapters disabled (LoRA), else a frozen copy."""
+    if is_lora_model(policy):
+        return AdapterDisabledReference(policy)
+    return frozen_copy(policy)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,7 +37,16 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
     policy, tokenizer = load_model(ctx, policy_path)
     # Dropout stays off (load_causal_lm disables it): log-probs must be deterministic.
     policy.train()
-    ref = frozen_copy(policy) if float(rl.kl_coef) > 0 else None
+    lora = ctx.cfg.model.lora
+    if int(lora.r) > 0:
+        policy = apply_lora(
+            policy,
+            r=int(lora.r),
+            alpha=float(lora.alpha),
+            dropout=float(lora.dropout),
+            target_modules=list(lora.target_modules),
+        )
+    ref = make_reference(policy) if float(rl.kl_coef) > 0 else None
     o = rl.optim
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -64,7 +81,11 @@ def run_rl(
     rl_ctx = setup_rl(ctx, path)
     engine = Engine(rl_ctx, train_prompts(rl_ctx))
     last = engine.run()
-    out = save_policy(rl_ctx, rl_ctx.policy, rl_ctx.tokenizer, rl_ctx.run_dir / "policy")
+    policy = rl_ctx.policy
+    if is_lora_model(policy):
+        # Export a plain HF folder: adapters merged into a copy, the training model untouched.
+        policy = copy.deepcopy(policy).merge_and_unload()
+    out = save_policy(rl_ctx, policy, rl_ctx.tokenizer, rl_ctx.run_dir / "policy")
     console.print(f"RL policy saved to {out}")
     summary = {f"rl_final/{k}": v for k, v in last.items() if not k.startswith("time/")}
     rl_ctx.plugins.call("run_end", ctx=rl_ctx, summary=summary)

@@ -1,0 +1,375 @@
+"""The minibatch update loop shared by the policy-gradient algorithms.
+
+One call of :func:`run_update` is one RL step's optimisation::
+
+    for epoch in range(epochs):                      # passes over the batch
+        for minibatch in shuffled(batch, rows=minibatch_size * grad_accum_steps):
+            zero_grad()
+            for micro in split(minibatch, rows=minibatch_size):   # gradient accumulation
+                loss_fn(micro, counts_of(minibatch)).backward()
+            clip_grad_norm(); optimizer.step()
+
+``minibatch_size`` bounds memory (rows per forward/backward); ``grad_accum_steps`` sets how
+many of them make one optimizer step. The loss function receives the *global* counts of the
+whole minibatch (:class:`Counts`) and normalises by them, so the summed micro-batch losses
+equal the loss of the full minibatch: splitting it differently never changes the gradient.
+
+Algorithms supply the per-micro-batch loss; :func:`policy_loss` is the clipped
+policy-gradient loss that GRPO, RLOO, REINFORCE++ and PPO share.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.batch import Rollout
+from alignkit.context import RunContext
+from alignkit.errors import ConfigError
+from alignkit.models import sequence_logprobs
+from alignkit.ops import aggregate_loss, clipped_policy_loss, kl_penalty, masked_mean, masked_sum
+
+__all__ = [
+    "Counts",
+    "LossFn",
+    "OptimTarget",
+    "PolicyLossSpec",
+    "minibatches",
+    "policy_gradient_update",
+    "policy_logprobs",
+    "policy_loss",
+    "policy_target",
+    "reference_kl",
+    "rl_step_metrics",
+    "run_minibatch_updates",
+    "run_update",
+]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Global normalisers of one optimizer step (a minibatch and all its micro-batches)."""
+
+    num_tokens: float
+    """Valid response tokens in the minibatch."""
+    num_seqs: int
+    """Rows in the minibatch."""
+    max_len: int
+    """The fixed length of ``seq_mean_token_sum_norm`` (the generation budget)."""
+
+    def aggregate(self, per_token: Tensor, mask: Tensor, mode: str) -> Tensor:
+        """:func:`alignkit.ops.aggregate_loss` with these global counts."""
+        return aggregate_loss(
+            per_token,
+            mask,
+            mode,
+            num_tokens=self.num_tokens,
+            num_seqs=self.num_seqs,
+            max_len=self.max_len,
+        )
+
+    def token_share(self, x: Tensor, mask: Tensor) -> Tensor:
+        """This micro-batch's part of the minibatch token mean of ``x`` (sums to the mean)."""
+        return masked_sum(x.detach(), mask) / max(self.num_tokens, 1.0)
+
+    def share_of_mean(self, local_mean: Tensor, mask: Tensor) -> Tensor:
+        """The same for a token mean already taken over this micro-batch's valid tokens."""
+        return local_mean.detach() * mask.sum() / max(self.num_tokens, 1.0)
+
+
+LossFn = Callable[[Tensor, Counts], tuple[Tensor, dict[str, Tensor]]]
+"""``loss_fn(rows, counts) -> (loss, metrics)`` for the micro-batch ``batch[rows]``.
+
+``loss`` is normalised by ``counts`` (so micro-batch losses add up to the minibatch loss);
+each metric is this micro-batch's share of a minibatch-level value (they are summed over
+micro-batches, then averaged over optimizer steps).
+"""
+
+
+@dataclass
+class OptimTarget:
+    """Parameters whose gradient norm is clipped together, and the optimizers that step them."""
+
+    name: str
+    """Metric prefix: ``<name>/grad_norm``."""
+    params: list[nn.Parameter]
+    optimizers: Sequence[torch.optim.Optimizer]
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """Settings of :func:`policy_loss`."""
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token_mean"
+    kl_coef: float = 0.0
+    """Coefficient of a KL-to-reference term in the loss; 0 keeps the KL out of the loss."""
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+    @classmethod
+    def from_algorithm(cls, algo: Any, **terms: Any) -> PolicyLossSpec:
+        """Clip range and aggregation from an algorithm config node; ``terms`` for the rest."""
+        high = algo.get("clip_eps_high")
+        return cls(
+            clip_eps=float(algo.clip_eps),
+            clip_eps_high=None if high is None else float(high),
+            loss_agg=str(algo.loss_agg),
+            **terms,
+        )
+
+
+def minibatches(num_rows: int, rows_per_step: int, epochs: int, seed: int) -> list[list[Tensor]]:
+    """Row indices of each optimizer step, one list per epoch (a fresh permutation each).
+
+    The order depends only on ``seed``, ``num_rows`` and ``epochs``, so two runs that differ
+    only in how a minibatch is split into micro-batches see the same minibatches.
+    """
+    if rows_per_step < 1 or epochs < 1:
+        raise ConfigError(
+            f"need minibatch rows >= 1 and epochs >= 1, got {rows_per_step} and {epochs}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(num_rows, generator=generator)
+        out.append(list(order.split(rows_per_step)))
+    return out
+
+
+def run_minibatch_updates(
+    loss_fn: LossFn,
+    response_mask: Tensor,
+    targets: Sequence[OptimTarget],
+    *,
+    epochs: int,
+    minibatch_size: int,
+    grad_accum_steps: int,
+    max_len: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Epochs x minibatches x gradient accumulation; returns metrics averaged over steps.
+
+    Args:
+        loss_fn: the per-micro-batch loss (see :data:`LossFn`).
+        response_mask: (B, R) mask of the whole batch, for the global token counts.
+        targets: what to clip and step after each minibatch.
+        epochs: passes over the batch.
+        minibatch_size: rows per forward/backward.
+        grad_accum_steps: micro-batches per optimizer step.
+        max_len: L of the ``seq_mean_token_sum_norm`` aggregation.
+        seed: seeds the minibatch shuffling.
+
+    Returns:
+        Each metric of ``loss_fn`` (summed over a minibatch's micro-batches) plus
+        ``loss/total`` and ``<target>/grad_norm``, averaged over all optimizer steps.
+    """
+    if minibatch_size < 1 or grad_accum_steps < 1:
+        raise ConfigError(
+            "algorithm.minibatch_size and algorithm.grad_accum_steps must be >= 1, got "
+            f"{minibatch_size} and {grad_accum_steps}"
+        )
+    totals: dict[str, float] = defaultdict(float)
+    steps = 0
+    plan = minibatches(response_mask.shape[0], minibatch_size * grad_accum_steps, epochs, seed)
+    for epoch in plan:
+        for rows in epoch:
+            counts = Counts(
+                num_tokens=float(response_mask[rows].sum().item()),
+                num_seqs=len(rows),
+                max_len=max_len,
+            )
+            for target in targets:
+                for optimizer in target.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+            step_metrics: dict[str, float] = defaultdict(float)
+            for micro in rows.split(minibatch_size):
+                loss, metrics = loss_fn(micro, counts)
+                loss.backward()
+                step_metrics["loss/total"] += loss.item()
+                for key, value in metrics.items():
+                    step_metrics[key] += float(value)
+            for target in targets:
+                norm = torch.nn.utils.clip_grad_norm_(target.params, target.max_grad_norm)
+                step_metrics[f"{target.name}/grad_norm"] = norm.item()
+                for optimizer in target.optimizers:
+                    optimizer.step()
+            for key, value in step_metrics.items():
+                totals[key] += value
+            steps += 1
+    return {key: value / max(steps, 1) for key, value in totals.items()}
+
+
+def policy_target(ctx: RunContext) -> OptimTarget:
+    """The policy's trainable parameters, the run's optimizer and ``rl.optim.max_grad_norm``."""
+    if ctx.policy is None or ctx.optimizer is None:
+        raise ConfigError("an RL update needs ctx.policy and ctx.optimizer")
+    return OptimTarget(
+        name="policy",
+        params=[p for p in ctx.policy.parameters() if p.requires_grad],
+        optimizers=[ctx.optimizer],
+        max_grad_norm=float(ctx.cfg.rl.optim.max_grad_norm),
+    )
+
+
+def run_update(
+    ctx: RunContext,
+    batch: Rollout,
+    loss_fn: LossFn,
+    *,
+    epochs: int,
+    minibatch_size: int,
+    grad_accum_steps: int,
+    targets: Sequence[OptimTarget] | None = None,
+) -> dict[str, float]:
+    """:func:`run_minibatch_updates` for a run, then one learning-rate schedule step.
+
+    The schedule steps once per RL step, not per optimizer step: its horizon is ``rl.steps``
+    (see ``alignkit.stages.rl``), whatever the number of minibatches. Adds ``lr``, the
+    rate this step's updates used.
+    """
+    rl = ctx.cfg.rl
+    metrics = run_minibatch_updates(
+        loss_fn,
+        batch.response_mask,
+        targets if targets is not None else [policy_target(ctx)],
+        epochs=int(epochs),
+        minibatch_size=int(minibatch_size),
+        grad_accum_steps=int(grad_accum_steps),
+        max_len=int(rl.get("max_new_tokens", batch.response_mask.shape[1])),
+        # A different shuffle every step, reproducible and resumable without saved state.
+        seed=int(ctx.cfg.get("seed", 0)) * 1_000_003 + int(ctx.step),
+    )
+    if ctx.optimizer is not None:
+        metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])  # the rate this step used
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    return metrics
+
+
+def policy_logprobs(ctx: RunContext, batch: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, R) log-probs (with grad) and entropies of ``batch[rows]`` under the current policy.
+
+    Uses ``rl.temperature`` like the rollout, so ratios are exactly 1 before any update.
+    """
+    assert ctx.policy is not None
+    seq, seq_mask = batch.sequences()
+    out = sequence_logprobs(
+        ctx.policy,
+        seq[rows],
+        seq_mask[rows],
+        batch.prompt_ids.shape[1],
+        temperature=float(ctx.cfg.rl.temperature),
+        return_entropy=True,
+    )
+    assert isinstance(out, tuple)
+    return out
+
+
+def policy_loss(
+    batch: Rollout,
+    rows: Tensor,
+    counts: Counts,
+    logp: Tensor,
+    entropy: Tensor,
+    spec: PolicyLossSpec,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped policy-gradient loss of a micro-batch, with optional KL and entropy terms.
+
+    ::
+
+        L = agg(max(-A rho, -A clip(rho, 1 - eps, 1 + eps_high)))     PPO, Schulman 2017 eq. 7
+            + kl_coef * agg(k(logp, ref_logp))                        KL in the loss (GRPO eq. 3)
+            - entropy_coef * agg(H)
+
+    with ``rho = exp(logp - old_logp)``, old log-probs from the rollout (``batch.logprobs``)
+    and ``agg`` the configured :func:`~alignkit.ops.aggregate_loss` over global counts.
+
+    Args:
+        batch: the step's batch with ``advantages`` and ``logprobs`` set.
+        rows: (b,) rows of this micro-batch.
+        counts: global counts of the minibatch.
+        logp: (b, R) current log-probs (with grad); entropy: (b, R).
+
+    Returns:
+        ``(loss, metrics)`` with ``loss/policy``, ``policy/clipfrac``, ``policy/entropy``,
+        ``kl/approx`` (k3 estimate of KL(old || new)) and, with a KL term, ``kl/loss``.
+    """
+    if batch.logprobs is None or batch.advantages is None:
+        raise ValueError("the policy loss needs Rollout.logprobs and Rollout.advantages")
+    mask = batch.response_mask[rows]
+    old = batch.logprobs[rows]
+    per_token, clipfrac = clipped_policy_loss(
+        logp, old, batch.advantages[rows], mask, spec.clip_eps, spec.clip_eps_high
+    )
+    pg_loss = counts.aggregate(per_token, mask, spec.loss_agg)
+    loss = pg_loss
+    log_ratio = torch.where(mask != 0, logp.detach() - old, 0.0)
+    metrics = {
+        "loss/policy": pg_loss.detach(),
+        "policy/clipfrac": counts.share_of_mean(clipfrac, mask),
+        "policy/entropy": counts.token_share(entropy, mask),
+        # k3 estimate of KL(old || new): >= 0, unbiased, and cheap (Schulman 2020).
+        "kl/approx": counts.token_share(torch.expm1(log_ratio) - log_ratio, mask),
+    }
+    if spec.entropy_coef:
+        loss = loss - spec.entropy_coef * counts.aggregate(entropy, mask, spec.loss_agg)
+    if spec.kl_coef > 0:
+        if batch.ref_logprobs is None:
+            raise ValueError("a KL term in the loss needs Rollout.ref_logprobs (rl.kl_coef > 0)")
+        kl = kl_penalty(logp, batch.ref_logprobs[rows], spec.kl_estimator)
+        kl_term = counts.aggregate(kl, mask, spec.loss_agg)
+        loss = loss + spec.kl_coef * kl_term
+        metrics["kl/loss"] = kl_term.detach()
+    return loss, metrics
+
+
+def policy_gradient_update(
+    ctx: RunContext,
+    batch: Rollout,
+    spec: PolicyLossSpec,
+    *,
+    epochs: int,
+    minibatch_size: int,
+    grad_accum_steps: int,
+) -> dict[str, float]:
+    """:func:`run_update` of the policy alone with :func:`policy_loss` (critic-free methods)."""
+
+    def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+        logp, entropy = policy_logprobs(ctx, batch, rows)
+        return policy_loss(batch, rows, counts, logp, entropy, spec)
+
+    return run_update(
+        ctx,
+        batch,
+        loss_fn,
+        epochs=epochs,
+        minibatch_size=minibatch_size,
+        grad_accum_steps=grad_accum_steps,
+    )
+
+
+def reference_kl(batch: Rollout, estimator: str) -> Tensor:
+    """(B, R) per-token KL estimate of the sampling policy to the reference, 0 at padding.
+
+    All zeros when the rollout has no reference log-probs (``rl.kl_coef == 0``).
+    """
+    if batch.ref_logprobs is None or batch.logprobs is None:
+        return torch.zeros_like(batch.response_mask)
+    kl = kl_penalty(batch.logprobs, batch.ref_logprobs, estimator)
+    return torch.where(batch.response_mask != 0, kl, 0.0)
+
+
+def rl_step_metrics(batch: Rollout, kl_seq: Tensor, kl_coef: float) -> dict[str, float]:
+    """``kl/ref`` (mean per-sequence KL to the reference), ``kl/coef`` and ``adv/abs_mean``."""
+    metrics = {"kl/ref": float(kl_seq.mean()), "kl/coef": float(kl_coef)}
+    if batch.advantages is not None:
+        metrics["adv/abs_mean"] = masked_mean(batch.advantages.abs(), batch.response_mask).item()
+    return metrics

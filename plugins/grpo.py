@@ -1,0 +1,84 @@
+"""``algorithm=grpo``: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath").
+
+No critic: each prompt's ``G = rl.samples_per_prompt`` responses form a group, and the
+outcome advantage of every token of response i is its reward standardised within the group
+(eq. 3 and Sec. 4.1.2)::
+
+    A_i = (r_i - mean(r_1..G)) / (std(r_1..G) + eps)        (std optional: algorithm.scale_rewards)
+
+The objective (eq. 3), maximised, with ``rho = pi / pi_old`` per token::
+
+    J = E[ agg_i,t( min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) - beta * KL_k3(pi || ref) ) ]
+
+The KL to the reference is a term of the loss, not of the reward (k3 estimator, eq. 4;
+``beta = rl.kl_coef``, 0 drops it and the reference forward). ``agg`` is the paper's
+per-sequence mean of token means (``seq_mean_token_mean``) or a token mean (``token_mean``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+from alignkit import Rollout, RunContext, hookimpl
+from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.ops import group_normalized_advantages
+from alignkit.training import (
+    PolicyLossSpec,
+    policy_gradient_update,
+    reference_kl,
+    rl_step_metrics,
+)
+
+
+@dataclass
+class GRPOConfig(AlgorithmConfig):
+    name: str = "grpo"
+    scale_rewards: bool = True
+    """Divide the group-centred rewards by the group std (False: Dr. GRPO's centring only)."""
+    loss_agg: str = "seq_mean_token_mean"
+    """token_mean | seq_mean_token_mean (the paper) | seq_mean_token_sum_norm."""
+    kl_estimator: str = "k3"
+    """Estimator of the KL term in the loss (k3 in the paper)."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip range; null uses ``clip_eps``."""
+    epochs: int = 1
+    """Passes over each batch (the paper's mu)."""
+    minibatch_size: int = 16
+    """Rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+
+@hookimpl
+def register_configs(config_store: ConfigStore) -> None:
+    store_algorithm(config_store, "grpo", GRPOConfig)
+
+
+@hookimpl
+def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
+    assert batch.rewards is not None
+    algo = ctx.cfg.algorithm
+    adv = group_normalized_advantages(batch.rewards, batch.group_ids, bool(algo.scale_rewards))
+    batch.advantages = adv[:, None] * batch.response_mask
+    batch.extras["kl_seq"] = reference_kl(batch, str(algo.kl_estimator)).sum(1)
+    return batch
+
+
+@hookimpl
+def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    algo = ctx.cfg.algorithm
+    # No reference log-probs means rl.kl_coef == 0: the KL term is dropped, not faked.
+    kl_coef = float(ctx.cfg.rl.kl_coef) if batch.ref_logprobs is not None else 0.0
+    spec = PolicyLossSpec.from_algorithm(algo, kl_coef=kl_coef, kl_estimator=str(algo.kl_estimator))
+    metrics = policy_gradient_update(
+        ctx,
+        batch,
+        spec,
+        epochs=int(algo.epochs),
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
+    )
+    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}

@@ -1,0 +1,390 @@
+"""``algorithm=ppo``: PPO with a learned critic, as in InstructGPT (Ouyang et al. 2022) and
+"The N implementation details of RLHF with PPO" (Huang et al. 2024).
+
+Each response token is an action. The reward is the sequence score on the last response
+token and a KL penalty to the reference on every token (Ziegler et al. 2019, eq. 2)::
+
+    r_t = [t == last] * r(x, y) - beta * KL_t(pi || ref)          (KL_t: rl.kl_estimator)
+
+with beta from a fixed or adaptive controller (:mod:`alignkit.kl_control`). A value model
+``V`` (a linear head on the policy's last hidden state, or a separate transformer) gives GAE
+advantages (Schulman et al. 2016, eq. 16; gamma = 1, lambda configurable), whitened over the
+valid tokens of the batch. The loss minimised over ``ppo_epochs`` passes of minibatches::
+
+    L = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) )                 Schulman 2017, eq. 7
+        + vf_coef * agg( 0.5 * max((V - R)^2, (V_clip - R)^2) )            clipped value loss
+        - entropy_coef * agg(H)
+
+with ``rho = pi / pi_old``; ``pi_old`` is the sampling policy, whose log-probs the rollout
+recorded (no second forward pass). With ``kl_in_loss`` the KL leaves the reward and becomes a
+``beta * agg(KL)`` term of the loss instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from alignkit import Rollout, RunContext, hookimpl
+from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.errors import ConfigError
+from alignkit.kl_control import KLController, kl_controller_from_state, save_kl_controller
+from alignkit.models import (
+    ScalarHeadModel,
+    disable_dropout,
+    position_ids_from_mask,
+    supports_logits_to_keep,
+)
+from alignkit.ops import (
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    logprobs_from_logits,
+    masked_whiten,
+    per_token_rewards,
+    whiten_advantages,
+)
+from alignkit.training import (
+    Counts,
+    OptimTarget,
+    PolicyLossSpec,
+    policy_logprobs,
+    policy_loss,
+    policy_target,
+    reference_kl,
+    rl_step_metrics,
+    run_update,
+)
+
+VALUE_KEY = "ppo/value"
+"""``ctx.state`` key of the :class:`ValueState` (not JSON-able: saved by this plugin's hooks)."""
+VALUE_WEIGHTS = "ppo_value.safetensors"
+VALUE_OPTIMIZER = "ppo_value_optimizer.pt"
+
+
+@dataclass
+class PPOConfig(AlgorithmConfig):
+    name: str = "ppo"
+    value_model: str = "separate"
+    """shared: a linear value head on the policy's last hidden state, trained with the policy;
+    separate: a transformer with a scalar head and its own optimizer."""
+    value_model_path: str | None = None
+    """separate: folder to initialise the value model from (e.g. a reward model); null copies
+    the policy's weights at the start of RL."""
+    value_lr: float | None = None
+    """Learning rate of the value parameters; null uses ``rl.optim.lr``."""
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    """Value clipping range, in reward units."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance (mean kept) before GAE."""
+    whiten_advantages: bool = True
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip range; null uses ``clip_eps``."""
+    entropy_coef: float = 0.0
+    kl_in_loss: bool = False
+    """Put the KL to the reference in the loss instead of the reward."""
+    kl_ctl: str = "fixed"
+    """fixed | adaptive (Ziegler et al. 2019); starts at ``rl.kl_coef``."""
+    kl_target: float = 6.0
+    """adaptive: target KL per sequence, in nats."""
+    kl_horizon: int = 10_000
+    """adaptive: horizon, in samples."""
+    loss_agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
+    ppo_epochs: int = 4
+    """Passes over each batch."""
+    minibatch_size: int = 16
+    """Rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+
+@hookimpl
+def register_configs(config_store: ConfigStore) -> None:
+    store_algorithm(config_store, "ppo", PPOConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the value model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValueState:
+    """The critic: a head on the policy (``shared``) or a :class:`ScalarHeadModel`."""
+
+    kind: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+
+
+def _hidden_size(policy: nn.Module) -> int:
+    """Width of the policy's last hidden state (the LM head's input)."""
+    head = policy.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    return int(policy.get_input_embeddings().embedding_dim)
+
+
+def _plain_copy(policy: nn.Module) -> nn.Module:
+    """A trainable copy of the policy's weights (LoRA adapters merged in, if any)."""
+    model = copy.deepcopy(policy)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.requires_grad_(True)
+
+
+def build_value_state(ctx: RunContext) -> ValueState:
+    """Create the critic and its optimizer from ``ctx.cfg.algorithm``."""
+    algo, optim = ctx.cfg.algorithm, ctx.cfg.rl.optim
+    assert ctx.policy is not None
+    if algo.value_model == "shared":
+        size = _hidden_size(ctx.policy)
+        module: nn.Module = nn.Linear(size, 1)
+        # The reward-head initialisation of Ziegler et al. 2019: unit-scale outputs.
+        nn.init.normal_(module.weight, std=1.0 / (size + 1) ** 0.5)
+        nn.init.zeros_(module.bias)
+    elif algo.value_model == "separate":
+        if algo.value_model_path:
+            module = ScalarHeadModel.from_pretrained(
+                str(algo.value_model_path),
+                dtype=str(ctx.cfg.model.get("dtype", "float32")),
+                trust_remote_code=bool(ctx.cfg.model.get("trust_remote_code", False)),
+            )
+        else:
+            module = ScalarHeadModel(_plain_copy(ctx.policy))
+    else:
+        raise ConfigError(
+            f"algorithm.value_model must be 'shared' or 'separate', got {algo.value_model!r}"
+        )
+    module.to(ctx.device)
+    disable_dropout(module)
+    lr = float(optim.lr) if algo.value_lr is None else float(algo.value_lr)
+    optimizer = torch.optim.AdamW(
+        module.parameters(),
+        lr=lr,
+        betas=tuple(optim.betas),
+        eps=float(optim.eps),
+        weight_decay=float(optim.weight_decay),
+    )
+    return ValueState(str(algo.value_model), module, optimizer, lr)
+
+
+def value_state(ctx: RunContext) -> ValueState:
+    """The run's critic, created on first use (``run_start``, or a resume before it)."""
+    state = ctx.state.get(VALUE_KEY)
+    if state is None:
+        state = ctx.state[VALUE_KEY] = build_value_state(ctx)
+    return state
+
+
+def _policy_forward(ctx: RunContext, seq: Tensor, seq_mask: Tensor, keep: int) -> Any:
+    """The policy's output with hidden states; logits only for the last ``keep`` positions."""
+    assert ctx.policy is not None
+    kwargs = {"logits_to_keep": keep} if supports_logits_to_keep(ctx.policy) else {}
+    return ctx.policy(
+        input_ids=seq,
+        attention_mask=seq_mask,
+        position_ids=position_ids_from_mask(seq_mask),
+        use_cache=False,
+        output_hidden_states=True,
+        **kwargs,
+    )
+
+
+def _head_values(head: nn.Module, hidden: Tensor) -> Tensor:
+    """(b, R, H) hidden states -> (b, R) values, in the head's (float32) precision."""
+    return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
+def _forward(
+    ctx: RunContext, batch: Rollout, rows: Tensor, critic: ValueState
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(b, R) log-probs, entropies and values of ``batch[rows]``, with grad.
+
+    ``V_t`` is read at position P - 1 + t, the state *before* response token t is emitted,
+    the same position whose logits give log pi(y_t).
+    """
+    seq, seq_mask = batch.sequences()
+    seq, seq_mask = seq[rows], seq_mask[rows]
+    start, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    valid = batch.response_mask[rows] != 0
+    if critic.kind == "separate":
+        logp, entropy = policy_logprobs(ctx, batch, rows)
+        values = critic.module(seq, seq_mask)[:, start - 1 : -1]
+        return logp, entropy, torch.where(valid, values, 0.0)
+    # shared: one policy forward gives the logits and the last hidden state.
+    out = _policy_forward(ctx, seq, seq_mask, keep=length + 1)
+    temperature = float(ctx.cfg.rl.temperature)
+    logits = out.logits[:, -(length + 1) : -1]
+    logp = logprobs_from_logits(logits, seq[:, start:], temperature).masked_fill(~valid, 0.0)
+    entropy = entropy_from_logits(logits, temperature).masked_fill(~valid, 0.0)
+    values = _head_values(critic.module, out.hidden_states[-1][:, start - 1 : -1])
+    return logp, entropy, torch.where(valid, values, 0.0)
+
+
+@torch.no_grad()
+def rollout_values(ctx: RunContext, batch: Rollout, critic: ValueState) -> Tensor:
+    """(B, R) values of the batch at rollout time (no grad), in minibatch-sized chunks."""
+    seq, seq_mask = batch.sequences()
+    start = batch.prompt_ids.shape[1]
+    chunks = []
+    for rows in torch.arange(batch.num_rows).split(int(ctx.cfg.algorithm.minibatch_size)):
+        if critic.kind == "separate":
+            chunks.append(critic.module(seq[rows], seq_mask[rows])[:, start - 1 : -1])
+        else:
+            # shared: the head reads the policy's hidden states; one logit column suffices.
+            out = _policy_forward(ctx, seq[rows], seq_mask[rows], keep=1)
+            chunks.append(_head_values(critic.module, out.hidden_states[-1][:, start - 1 : -1]))
+    return torch.where(batch.response_mask != 0, torch.cat(chunks), 0.0)
+
+
+def kl_controller(ctx: RunContext) -> KLController:
+    """The KL controller, restored from ``ctx.state`` (so checkpoints carry beta)."""
+    algo = ctx.cfg.algorithm
+    return kl_controller_from_state(
+        ctx.state,
+        str(algo.kl_ctl),
+        float(ctx.cfg.rl.kl_coef),
+        target=float(algo.kl_target),
+        horizon=int(algo.kl_horizon),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# lifecycle hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def run_start(ctx: RunContext) -> None:
+    assert ctx.policy is not None
+    # Identical forwards must give identical log-probs and values (the ratio is 1 on-policy).
+    disable_dropout(ctx.policy)
+    value_state(ctx)
+    save_kl_controller(ctx.state, kl_controller(ctx))
+
+
+@hookimpl
+def save_checkpoint(ctx: RunContext, directory: Path) -> None:
+    critic = ctx.state.get(VALUE_KEY)
+    if critic is None:
+        return
+    save_model(critic.module, str(directory / VALUE_WEIGHTS))
+    torch.save(critic.optimizer.state_dict(), directory / VALUE_OPTIMIZER)
+
+
+@hookimpl
+def load_checkpoint(ctx: RunContext, directory: Path) -> None:
+    # Called before run_start, so the critic is created here to receive its weights.
+    critic = value_state(ctx)
+    if not (directory / VALUE_WEIGHTS).is_file():
+        raise ConfigError(
+            f"checkpoint {directory} has no PPO critic ({VALUE_WEIGHTS}); "
+            "it was not written by algorithm=ppo"
+        )
+    load_model(critic.module, str(directory / VALUE_WEIGHTS), device=str(ctx.device))
+    critic.optimizer.load_state_dict(torch.load(directory / VALUE_OPTIMIZER, weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# phase hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
+    assert batch.rewards is not None
+    algo, mask = ctx.cfg.algorithm, batch.response_mask
+    beta = kl_controller(ctx).coef
+    values = rollout_values(ctx, batch, value_state(ctx))
+    kl = reference_kl(batch, str(ctx.cfg.rl.kl_estimator))
+    rewards = per_token_rewards(batch.rewards, kl, mask, 0.0 if algo.kl_in_loss else beta)
+    if algo.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, float(algo.gamma), float(algo.lam))
+    if algo.whiten_advantages:
+        advantages = whiten_advantages(advantages, mask)
+    batch.values, batch.returns, batch.advantages = values, returns, advantages
+    batch.extras["kl_seq"] = kl.sum(1)
+    return batch
+
+
+def _optim_targets(ctx: RunContext, critic: ValueState) -> list[OptimTarget]:
+    """What to clip and step: the shared head belongs to the policy's clipping group."""
+    policy = policy_target(ctx)
+    params = list(critic.module.parameters())
+    if critic.kind == "shared":
+        policy.params = policy.params + params
+        policy.optimizers = [*policy.optimizers, critic.optimizer]
+        return [policy]
+    return [policy, OptimTarget("value", params, [critic.optimizer], policy.max_grad_norm)]
+
+
+def _follow_policy_schedule(ctx: RunContext, critic: ValueState) -> None:
+    """Scale the value learning rate by the policy schedule's current factor."""
+    assert ctx.optimizer is not None
+    base = float(ctx.cfg.rl.optim.lr)
+    factor = ctx.optimizer.param_groups[0]["lr"] / base if base > 0 else 1.0
+    for group in critic.optimizer.param_groups:
+        group["lr"] = critic.base_lr * factor
+
+
+@hookimpl
+def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    algo = ctx.cfg.algorithm
+    assert batch.values is not None and batch.returns is not None
+    controller, critic = kl_controller(ctx), value_state(ctx)
+    kl_in_loss = bool(algo.kl_in_loss) and batch.ref_logprobs is not None
+    spec = PolicyLossSpec.from_algorithm(
+        algo,
+        kl_coef=controller.coef if kl_in_loss else 0.0,
+        kl_estimator=str(ctx.cfg.rl.kl_estimator),
+        entropy_coef=float(algo.entropy_coef),
+    )
+    vf_coef, clip = float(algo.vf_coef), float(algo.value_clip)
+
+    def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+        logp, entropy, values = _forward(ctx, batch, rows, critic)
+        loss, metrics = policy_loss(batch, rows, counts, logp, entropy, spec)
+        mask = batch.response_mask[rows]
+        per_token, clipfrac = clipped_value_loss(
+            values, batch.values[rows], batch.returns[rows], mask, clip
+        )
+        value_loss = counts.aggregate(per_token, mask, spec.loss_agg)
+        metrics["loss/value"] = value_loss.detach()
+        metrics["value/clipfrac"] = counts.share_of_mean(clipfrac, mask)
+        return loss + vf_coef * value_loss, metrics
+
+    _follow_policy_schedule(ctx, critic)
+    metrics = run_update(
+        ctx,
+        batch,
+        loss_fn,
+        epochs=int(algo.ppo_epochs),
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
+        targets=_optim_targets(ctx, critic),
+    )
+    kl_seq = batch.extras["kl_seq"]
+    metrics.update(rl_step_metrics(batch, kl_seq, controller.coef))
+    metrics["value/explained_variance"] = float(
+        explained_variance(batch.values, batch.returns, batch.response_mask)
+    )
+    # beta for the next step follows this batch's KL (a no-op for the fixed controller).
+    controller.update(float(kl_seq.mean()), batch.num_rows)
+    save_kl_controller(ctx.state, controller)
+    return metrics

@@ -1,0 +1,82 @@
+"""``algorithm=reinforce_pp``: REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient
+Approach for Aligning Large Language Models").
+
+No critic and no per-prompt groups. The KL to the reference is a per-token penalty in the
+reward, the sequence score lands on the last response token, and each token's advantage is
+its return-to-go (gamma = 1 by default), whitened over every valid token of the batch::
+
+    r_t = [t == last] * r(x, y) - beta * KL_t(pi || ref)        (KL_t: rl.kl_estimator)
+    G_t = sum_{s >= t} gamma^(s-t) r_s
+    A_t = (G_t - mean_batch(G)) / std_batch(G)
+
+The loss is PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on these advantages::
+
+    L = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) ),   rho = pi / pi_old
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+from alignkit import Rollout, RunContext, hookimpl
+from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.ops import per_token_rewards, returns_to_go, whiten_advantages
+from alignkit.training import (
+    PolicyLossSpec,
+    policy_gradient_update,
+    reference_kl,
+    rl_step_metrics,
+)
+
+
+@dataclass
+class ReinforcePPConfig(AlgorithmConfig):
+    name: str = "reinforce_pp"
+    gamma: float = 1.0
+    """Discount of the return-to-go."""
+    loss_agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip range; null uses ``clip_eps``."""
+    epochs: int = 1
+    """Passes over each batch."""
+    minibatch_size: int = 16
+    """Rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+
+@hookimpl
+def register_configs(config_store: ConfigStore) -> None:
+    store_algorithm(config_store, "reinforce_pp", ReinforcePPConfig)
+
+
+@hookimpl
+def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
+    assert batch.rewards is not None
+    rl, mask = ctx.cfg.rl, batch.response_mask
+    kl = reference_kl(batch, str(rl.kl_estimator))
+    rewards = per_token_rewards(batch.rewards, kl, mask, float(rl.kl_coef))
+    returns = returns_to_go(rewards, mask, float(ctx.cfg.algorithm.gamma))
+    # Global (batch) whitening, not per group: the baseline that replaces the critic.
+    batch.advantages = whiten_advantages(returns, mask)
+    batch.extras["kl_seq"] = kl.sum(1)
+    return batch
+
+
+@hookimpl
+def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    algo = ctx.cfg.algorithm
+    metrics = policy_gradient_update(
+        ctx,
+        batch,
+        PolicyLossSpec.from_algorithm(algo),
+        epochs=int(algo.epochs),
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
+    )
+    kl_coef = float(ctx.cfg.rl.kl_coef)
+    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}

@@ -1,0 +1,86 @@
+"""``algorithm=rloo``: REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics").
+
+Each prompt gets ``k = rl.samples_per_prompt`` responses. The whole response is one action:
+its reward is the sequence score minus the KL to the reference, summed over its tokens (k1),
+and its baseline is the mean shaped reward of the *other* k - 1 responses (eq. 7)::
+
+    s_i = r_i - beta * sum_t (log pi(y_i,t) - log ref(y_i,t))
+    A_i = s_i - 1/(k-1) * sum_{j != i} s_j
+
+Every token of response i gets ``A_i``. The loss is REINFORCE's ``-A_i log pi(y_i)``, written
+with the ratio ``rho = pi / pi_old`` and PPO's clip so that further passes over the batch
+(``epochs > 1``, or later minibatches) stay close to the sampling policy::
+
+    L = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) )
+
+On the first minibatch ``rho = 1`` and the gradient is exactly the REINFORCE gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+
+from alignkit import Rollout, RunContext, hookimpl
+from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.errors import ConfigError
+from alignkit.ops import leave_one_out_baseline
+from alignkit.training import (
+    PolicyLossSpec,
+    policy_gradient_update,
+    reference_kl,
+    rl_step_metrics,
+)
+
+
+@dataclass
+class RLOOConfig(AlgorithmConfig):
+    name: str = "rloo"
+    loss_agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (the paper's sequence-level
+    objective, up to the constant 1 / rl.max_new_tokens)."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip range; null uses ``clip_eps``."""
+    epochs: int = 1
+    """Passes over each batch; the ratio clip matters from the second pass on."""
+    minibatch_size: int = 16
+    """Rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+
+@hookimpl
+def register_configs(config_store: ConfigStore) -> None:
+    store_algorithm(config_store, "rloo", RLOOConfig)
+
+
+@hookimpl
+def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
+    assert batch.rewards is not None
+    if batch.group_size < 2:
+        raise ConfigError("algorithm=rloo needs rl.samples_per_prompt >= 2")
+    kl_coef = float(ctx.cfg.rl.kl_coef)
+    kl_seq = reference_kl(batch, "k1").sum(1)
+    # The KL is part of the reward before the baseline, so the baseline also centres it.
+    shaped = batch.rewards - kl_coef * kl_seq
+    adv = shaped - leave_one_out_baseline(shaped, batch.group_ids)
+    batch.advantages = adv[:, None] * batch.response_mask
+    batch.extras["kl_seq"] = kl_seq
+    return batch
+
+
+@hookimpl
+def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    algo = ctx.cfg.algorithm
+    metrics = policy_gradient_update(
+        ctx,
+        batch,
+        PolicyLossSpec.from_algorithm(algo),
+        epochs=int(algo.epochs),
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
+    )
+    kl_coef = float(ctx.cfg.rl.kl_coef)
+    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}
