@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.batch import Rollout
+from alignkit.config import AlgorithmConfig
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
 from alignkit.models import sequence_logprobs
@@ -331,16 +332,34 @@ def policy_loss(
     return loss, metrics
 
 
+@dataclass
+class ClippedPGConfig(AlgorithmConfig):
+    """Fields every critic-free clipped-surrogate algorithm shares (GRPO, RLOO, REINFORCE++)."""
+
+    loss_agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper clip range; null uses ``clip_eps``."""
+    epochs: int = 1
+    """Passes over each batch; the ratio clip matters from the second pass on."""
+    minibatch_size: int = 16
+    """Rows per forward/backward."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+
 def policy_gradient_update(
     ctx: RunContext,
     batch: Rollout,
     spec: PolicyLossSpec,
-    *,
-    epochs: int,
-    minibatch_size: int,
-    grad_accum_steps: int,
 ) -> dict[str, float]:
-    """:func:`run_update` of the policy alone with :func:`policy_loss` (critic-free methods)."""
+    """:func:`run_update` of the policy alone with :func:`policy_loss` (critic-free methods).
+
+    Epochs, minibatch size and accumulation come from the :class:`ClippedPGConfig` fields of
+    ``ctx.cfg.algorithm``.
+    """
+    algo = ctx.cfg.algorithm
 
     def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
         logp, entropy = policy_logprobs(ctx, batch, rows)
@@ -350,9 +369,9 @@ def policy_gradient_update(
         ctx,
         batch,
         loss_fn,
-        epochs=epochs,
-        minibatch_size=minibatch_size,
-        grad_accum_steps=grad_accum_steps,
+        epochs=int(algo.epochs),
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
     )
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from alignkit import Rollout, RunContext, hookimpl
-from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.config import store_algorithm
 from alignkit.ops import group_normalized_advantages
 from alignkit.training import (
+    ClippedPGConfig,
     PolicyLossSpec,
     policy_gradient_update,
     reference_kl,
@@ -33,7 +34,7 @@ from alignkit.training import (
 
 
 @dataclass
-class GRPOConfig(AlgorithmConfig):
+class GRPOConfig(ClippedPGConfig):
     name: str = "grpo"
     scale_rewards: bool = True
     """Divide the group-centred rewards by the group std (False: Dr. GRPO's centring only)."""
@@ -41,15 +42,6 @@ class GRPOConfig(AlgorithmConfig):
     """token_mean | seq_mean_token_mean (the paper) | seq_mean_token_sum_norm."""
     kl_estimator: str = "k3"
     """Estimator of the KL term in the loss (k3 in the paper)."""
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    """Upper clip range; null uses ``clip_eps``."""
-    epochs: int = 1
-    """Passes over each batch (the paper's mu)."""
-    minibatch_size: int = 16
-    """Rows per forward/backward."""
-    grad_accum_steps: int = 1
-    """Forward/backward passes per optimizer step."""
 
 
 @hookimpl
@@ -77,8 +69,5 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         ctx,
         batch,
         spec,
-        epochs=int(algo.epochs),
-        minibatch_size=int(algo.minibatch_size),
-        grad_accum_steps=int(algo.grad_accum_steps),
     )
     return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}

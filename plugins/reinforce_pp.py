@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from alignkit import Rollout, RunContext, hookimpl
-from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.config import store_algorithm
 from alignkit.ops import per_token_rewards, returns_to_go, whiten_advantages
 from alignkit.training import (
+    ClippedPGConfig,
     PolicyLossSpec,
     policy_gradient_update,
     reference_kl,
@@ -32,21 +33,12 @@ from alignkit.training import (
 
 
 @dataclass
-class ReinforcePPConfig(AlgorithmConfig):
+class ReinforcePPConfig(ClippedPGConfig):
     name: str = "reinforce_pp"
     gamma: float = 1.0
     """Discount of the return-to-go."""
     loss_agg: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    """Upper clip range; null uses ``clip_eps``."""
-    epochs: int = 1
-    """Passes over each batch."""
-    minibatch_size: int = 16
-    """Rows per forward/backward."""
-    grad_accum_steps: int = 1
-    """Forward/backward passes per optimizer step."""
 
 
 @hookimpl
@@ -74,9 +66,6 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         ctx,
         batch,
         PolicyLossSpec.from_algorithm(algo),
-        epochs=int(algo.epochs),
-        minibatch_size=int(algo.minibatch_size),
-        grad_accum_steps=int(algo.grad_accum_steps),
     )
     kl_coef = float(ctx.cfg.rl.kl_coef)
     return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 
 from alignkit import Rollout, RunContext, hookimpl
-from alignkit.config import AlgorithmConfig, store_algorithm
+from alignkit.config import store_algorithm
 from alignkit.errors import ConfigError
 from alignkit.ops import leave_one_out_baseline
 from alignkit.training import (
+    ClippedPGConfig,
     PolicyLossSpec,
     policy_gradient_update,
     reference_kl,
@@ -35,20 +36,11 @@ from alignkit.training import (
 
 
 @dataclass
-class RLOOConfig(AlgorithmConfig):
+class RLOOConfig(ClippedPGConfig):
     name: str = "rloo"
     loss_agg: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (the paper's sequence-level
     objective, up to the constant 1 / rl.max_new_tokens)."""
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    """Upper clip range; null uses ``clip_eps``."""
-    epochs: int = 1
-    """Passes over each batch; the ratio clip matters from the second pass on."""
-    minibatch_size: int = 16
-    """Rows per forward/backward."""
-    grad_accum_steps: int = 1
-    """Forward/backward passes per optimizer step."""
 
 
 @hookimpl
@@ -78,9 +70,6 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         ctx,
         batch,
         PolicyLossSpec.from_algorithm(algo),
-        epochs=int(algo.epochs),
-        minibatch_size=int(algo.minibatch_size),
-        grad_accum_steps=int(algo.grad_accum_steps),
     )
     kl_coef = float(ctx.cfg.rl.kl_coef)
     return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}
