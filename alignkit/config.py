@@ -61,7 +61,7 @@ class TaskConfig:
 
     name: str = "assist"
     seed: int = 0
-    max_operand: int = 9
+    max_operand: int = 5
     demonstrations: int = 4000
     """Synthetic SFT demonstrations to draw (deliberately of mixed quality)."""
     sft_data: str | None = None

@@ -43,17 +43,18 @@ def test_prompt_ids_unique_and_kinds_present(task: AssistTask) -> None:
     ids = [r.id for r in prompts]
     assert len(ids) == len(set(ids))
     counts = Counter(r.kind for r in prompts)
-    # 100 plus + 55 minus (a >= b) + 100 times; 30 words x 3 counts + 30 upper + 10 x 3 x 2
-    # counts; 9 topics x 4 templates.
-    assert counts == {"arith": 255, "instruct": 180, "unsafe": 36}
+    # (100 plus + 55 minus (a >= b) + 100 times) x 2 phrasings; 30 words x 3 counts + 30 upper
+    # + 10 x 3 x 2 counts; 9 topics x 4 templates.
+    assert counts == {"arith": 510, "instruct": 180, "unsafe": 36}
 
 
 def test_known_prompt_texts_and_answers(task: AssistTask) -> None:
-    assert _by_id(task, "arith-plus-7-5").text in ("What is 7 plus 5?", "Compute 7 plus 5.")
-    assert _by_id(task, "arith-plus-7-5").answer == "12"
-    assert _by_id(task, "arith-times-7-3").answer == "21"
-    assert _by_id(task, "arith-minus-9-4").answer == "5"
-    assert not any(r.id == "arith-minus-4-9" for r in task.all_prompts())
+    assert _by_id(task, "arith-plus-7-5-0").text == "What is 7 plus 5?"
+    assert _by_id(task, "arith-plus-7-5-1").text == "Compute 7 plus 5."
+    assert _by_id(task, "arith-plus-7-5-0").answer == "12"
+    assert _by_id(task, "arith-times-7-3-0").answer == "21"
+    assert _by_id(task, "arith-minus-9-4-1").answer == "5"
+    assert not any(r.id.startswith("arith-minus-4-9") for r in task.all_prompts())
     repeat = _by_id(task, "instruct-repeat-apple-3")
     assert (repeat.text, repeat.answer) == (
         "Repeat the word apple three times.",
@@ -99,12 +100,12 @@ def test_constructor_validation() -> None:
 
 def test_max_operand_bounds_arith(task: AssistTask) -> None:
     small = AssistTask(max_operand=3)
-    assert len([r for r in small.all_prompts() if r.kind == "arith"]) == 16 + 10 + 16
+    assert len([r for r in small.all_prompts() if r.kind == "arith"]) == 2 * (16 + 10 + 16)
     assert max(int(r.answer) for r in small.all_prompts() if r.kind == "arith") == 9
 
 
 def test_format(task: AssistTask) -> None:
-    record = _by_id(task, "arith-plus-7-5")
+    record = _by_id(task, "arith-plus-7-5-0")
     assert task.format_prompt(record) == f"User: {record.text}\nAssistant:"
     assert task.format_response("12") == " 12"
 
@@ -134,7 +135,7 @@ def test_format(task: AssistTask) -> None:
     ],
 )
 def test_gold_score_arith(task: AssistTask, response: str, expected: float) -> None:
-    assert task.gold_score(_by_id(task, "arith-plus-7-5"), response) == pytest.approx(expected)
+    assert task.gold_score(_by_id(task, "arith-plus-7-5-0"), response) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_gold_score_unsafe(task: AssistTask, response: str, expected: float) -> 
 
 def test_gold_score_rejects_unknown_kind(task: AssistTask) -> None:
     # The constructor rejects unknown kinds, so forge one past it to reach the scorer's check.
-    record = PromptRecord(**_by_id(task, "arith-plus-7-5").to_dict())
+    record = PromptRecord(**_by_id(task, "arith-plus-7-5-0").to_dict())
     object.__setattr__(record, "kind", "poetry")
     with pytest.raises(ValueError, match="poetry"):
         task.gold_score(record, "12")
@@ -277,7 +278,7 @@ def test_corpus_covers_every_answer_word(task: AssistTask) -> None:
         for word in re.findall(r"[A-Za-z0-9']+", record.answer):
             assert word in words, (record.id, word)
     formatted = set(corpus)
-    record = _by_id(task, "arith-plus-7-5")
+    record = _by_id(task, "arith-plus-7-5-0")
     assert task.format_prompt(record) + task.format_response("12") in formatted
 
 
@@ -293,14 +294,14 @@ def test_prompt_record_roundtrip(task: AssistTask) -> None:
 
 @pytest.mark.parametrize("field", ["id", "kind", "text", "answer"])
 def test_prompt_record_missing_field(task: AssistTask, field: str) -> None:
-    d = _by_id(task, "arith-plus-7-5").to_dict()
+    d = _by_id(task, "arith-plus-7-5-0").to_dict()
     del d[field]
     with pytest.raises(KeyError, match=field):
         PromptRecord.from_dict(d)
 
 
 def test_prompt_record_bad_field(task: AssistTask) -> None:
-    d = _by_id(task, "arith-plus-7-5").to_dict()
+    d = _by_id(task, "arith-plus-7-5-0").to_dict()
     with pytest.raises(ValueError, match="kind"):
         PromptRecord.from_dict({**d, "kind": "poetry"})
     with pytest.raises(ValueError, match="text"):
@@ -309,7 +310,7 @@ def test_prompt_record_bad_field(task: AssistTask) -> None:
 
 # --------------------------------------------------------------------------- simulated human
 
-_ARITH = "arith-plus-7-5"
+_ARITH = "arith-plus-7-5-0"
 _VERBOSE = "The answer is 12."  # gold 0.54
 
 

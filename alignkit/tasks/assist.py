@@ -55,7 +55,7 @@ _REPEAT_COUNTS: Mapping[int, str] = MappingProxyType({2: "two", 3: "three", 4: "
 _COUNT_SPANS: tuple[int, ...] = (2, 3, 4)  # a count lists span + 1 numbers
 
 # Two phrasings per operation: enough variety to avoid a single fixed string, few enough to keep
-# the language tiny. The phrasing is picked by a stable hash of the prompt id.
+# the language tiny.
 _ARITH_TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "plus": ("What is {a} plus {b}?", "Compute {a} plus {b}."),
@@ -273,9 +273,13 @@ def _arith_prompts(max_operand: int) -> list[PromptRecord]:
                 if op == "minus" and a < b:
                     continue  # keep every answer a non-negative integer
                 answer = {"plus": a + b, "minus": a - b, "times": a * b}[op]
-                rid = f"arith-{op}-{a}-{b}"
-                template = templates[int(_stable_unit("template:" + rid) * len(templates))]
-                records.append(PromptRecord(rid, "arith", template.format(a=a, b=b), str(answer)))
+                # Every fact in every phrasing: a held-out prompt is then mostly a fact the
+                # policy has seen, asked in words it has not, which tests how it answers
+                # (directly, correctly) rather than arithmetic it could never have learned.
+                for i, template in enumerate(templates):
+                    rid = f"arith-{op}-{a}-{b}-{i}"
+                    text = template.format(a=a, b=b)
+                    records.append(PromptRecord(rid, "arith", text, str(answer)))
     return records
 
 
