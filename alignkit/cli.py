@@ -3,6 +3,7 @@
 * ``alignkit [overrides...]`` runs a stage (default: the whole pipeline) with Hydra; ``-m``
   sweeps (``alignkit -m algorithm=reinforce seed=0,1``).
 * ``alignkit plugins`` lists every installed plugin, where it comes from and its hooks.
+* ``alignkit compare SWEEP_DIR`` plots and tabulates a sweep's runs (mean and 95% CI).
 """
 
 from __future__ import annotations
@@ -156,7 +157,9 @@ def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], A
             report_error(exc)
             raise SystemExit(2) from None
         # The return value is what Hydra's sweepers (e.g. Optuna) optimise.
-        value = summary.get(str(cfg.objective), summary.get("gold_score_sft"))
+        value = summary.get(str(cfg.objective))
+        for fallback in ("gold_score_policy", "rl_final/gold/score", "gold_score_sft"):
+            value = summary.get(fallback) if value is None else value
         return float(value) if isinstance(value, int | float) else None
 
     return app
@@ -203,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["plugins"]:
         return _plugins_command()
+    if args[:1] == ["compare"]:
+        from alignkit.compare import main as compare_main
+
+        return compare_main(args[1:])
     try:
         manager, registry = _registration()
     except AlignkitError as exc:

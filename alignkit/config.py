@@ -179,7 +179,7 @@ class AlignkitConfig:
     """Where outputs go; null uses Hydra's output directory."""
     objective: str = "gold_score_policy"
     """The ``summary.json`` key the run returns to Hydra's sweepers (e.g. Optuna maximises it);
-    falls back to ``gold_score_sft`` for stages that have no policy score."""
+    when a stage has no such key: gold_score_policy, rl_final/gold/score, gold_score_sft."""
     plugins: list[str] = field(default_factory=list)
     """Extra plugins to activate besides the algorithm and the rewards."""
     model: ModelConfig = field(default_factory=ModelConfig)
