@@ -86,7 +86,7 @@ class SFTConfig:
 class OptimConfig:
     """AdamW for the RL stage."""
 
-    lr: float = 3e-5
+    lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -97,7 +97,7 @@ class OptimConfig:
 class RLConfig:
     """The online RL loop shared by every algorithm."""
 
-    steps: int = 60
+    steps: int = 50
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
@@ -114,7 +114,8 @@ class RLConfig:
     """Continue from the latest complete checkpoint in ``<run_dir>/rl/checkpoints``."""
     log_every: int = 1
     samples_every: int = 20
-    """Log a table of sample generations every N steps."""
+    """Log a table of sample generations every N steps (0: never)."""
+    samples_to_log: int = 8
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -138,6 +138,20 @@ class Engine:
         self.start_step = int(meta["step"])
         console.print(f"resumed from {path} at step {self.start_step}")
 
+    def log_samples(self, step: int, batch: Rollout) -> None:
+        """A table of this step's generations with every reward component (and gold)."""
+        gold = getattr(self.ctx.task, "gold_score", None)
+        names = sorted(batch.reward_components)
+        columns = ["step", "prompt", "response", *names, *(["oracle"] if gold else [])]
+        rows = []
+        for i in range(min(batch.num_rows, int(self.cfg.samples_to_log))):
+            row = [step, batch.prompts[i], batch.responses[i]]
+            row += [round(batch.reward_components[n][i].item(), 4) for n in names]
+            if gold:
+                row.append(round(gold(batch.records[i], batch.responses[i]), 4))
+            rows.append(row)
+        self.ctx.tracker.log_table(f"rl_samples_step_{step:06d}", columns, rows)
+
     def step(self, step: int) -> dict[str, float]:
         """One rollout -> reward -> advantage -> update step; returns its metrics."""
         ctx, pm = self.ctx, self.ctx.plugins
@@ -172,6 +186,9 @@ class Engine:
         metrics = {**batch_metrics(batch), **update_metrics, **timings}
         metrics["time/step"] = sum(timings.values())
         pm.call("step_end", ctx=ctx, step=step, batch=batch, metrics=metrics)
+        every = int(self.cfg.samples_every)
+        if every > 0 and step % every == 0 and batch.prompts:
+            self.log_samples(step, batch)
         return metrics
 
     def run(self) -> dict[str, float]:

@@ -103,9 +103,9 @@ class PPOConfig(AlgorithmConfig):
     """adaptive: horizon, in samples."""
     loss_agg: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
-    ppo_epochs: int = 4
-    """Passes over each batch."""
-    minibatch_size: int = 16
+    ppo_epochs: int = 2
+    """Passes over each batch (2 keeps the CPU budget; 4 is the common GPU default)."""
+    minibatch_size: int = 32
     """Rows per forward/backward."""
     grad_accum_steps: int = 1
     """Forward/backward passes per optimizer step."""

@@ -478,7 +478,13 @@ def test_lora_without_peft_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.mark.parametrize("name", list(PLUGINS))
 def test_cli_smoke_run(sft_run: Path, tmp_path: Path, name: str) -> None:
-    args = ["stage=rl", f"algorithm={name}", *SMOKE, f"model.path={sft_run / 'sft'}"]
+    args = [
+        "stage=rl",
+        f"algorithm={name}",
+        *SMOKE,
+        "reward=[gold]",
+        f"model.path={sft_run / 'sft'}",
+    ]
     proc = run_cli([*args, f"run_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "rl"]

@@ -31,7 +31,7 @@ def test_multirun_runs_every_job_in_its_own_directory(tmp_path: Path) -> None:
 def test_config_help_lists_the_groups() -> None:
     proc = run_cli(["--help"])
     assert proc.returncode == 0
-    for group in ("algorithm: reinforce", "reward: gold", "model: hf, nano, tiny", "backend: cpu"):
+    for group in ("reward: bradley_terry", "model: hf, nano, tiny", "backend: cpu"):
         assert group in proc.stdout
 
 

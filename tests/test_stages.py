@@ -35,7 +35,16 @@ def test_sft_beats_the_untrained_model_and_reloads(sft_run: Path) -> None:
 def test_rl_and_eval_stages_write_their_headline_numbers(sft_run: Path, tmp_path: Path) -> None:
     policy = sft_run / "sft"
     rl_dir = tmp_path / "rl"
-    proc = run_cli(["stage=rl", *SMOKE, f"model.path={policy}", f"run_dir={rl_dir}"])
+    proc = run_cli(
+        [
+            "stage=rl",
+            *SMOKE,
+            "algorithm=reinforce",
+            "reward=[gold]",
+            f"model.path={policy}",
+            f"run_dir={rl_dir}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rl_rows = [r for r in read_metrics(rl_dir / "metrics.jsonl") if r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [0, 1, 2]
@@ -106,10 +115,10 @@ def test_pipeline_logs_to_wandb_offline_and_reads_back(tmp_path: Path) -> None:
     assert len(files) == 1
     run = read_wandb_offline_run(files[0])
     assert run["group"] == "g1"
-    assert run["tags"] == ["smoke", "algorithm:reinforce", "reward:gold", "backend:cpu"]
+    assert run["tags"] == ["smoke", "algorithm:ppo", "reward:bradley_terry", "backend:cpu"]
     assert run["config"]["meta"]["versions"]["torch"].startswith("2.")
     assert len(run["config"]["meta"]["git_commit"] or "") == 40
-    assert run["config"]["algorithm"]["name"] == "reinforce"
+    assert run["config"]["algorithm"]["name"] == "ppo"
     assert run["config"]["stage"] == "pipeline"
     # An explicitly added secret-looking key is redacted before it reaches W&B.
     assert run["config"]["logger"]["wandb"]["api_key"] == "***"
@@ -124,7 +133,7 @@ def test_pipeline_logs_to_wandb_offline_and_reads_back(tmp_path: Path) -> None:
     ("override", "message"),
     [
         ("sft.lrr=1", "Key 'lrr' not in 'SFTConfig'"),
-        ("algorithm.typo=1", "Key 'typo' not in 'ReinforceConfig'"),
+        ("algorithm.typo=1", "Key 'typo' not in 'PPOConfig'"),
         ("algorithm=nope", "Could not find 'algorithm/nope'"),
         ("plugins=[nope]", "unknown plugin 'nope' (asked for by plugins); installed plugins:"),
         ("stage=nope", "stage='nope' is not a known stage"),
@@ -168,6 +177,7 @@ def test_rl_with_lora_exports_a_merged_policy(sft_run: Path, tmp_path: Path) -> 
         [
             "stage=rl",
             *SMOKE,
+            "reward=[gold]",
             "model.lora.r=4",
             "rl.optim.lr=1e-2",
             f"model.path={sft_run / 'sft'}",

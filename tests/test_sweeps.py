@@ -22,7 +22,7 @@ from tests.conftest import REPO, run_cli
 ALGORITHMS = ("ppo", "grpo")
 SEEDS = (0, 1)
 # A learning rate large enough that three steps move the policy, so the configurations differ.
-RL_ARGS = ["stage=rl", "experiment=smoke", "rl.steps=3", "rl.optim.lr=2e-3"]
+RL_ARGS = ["stage=rl", "experiment=smoke", "reward=[gold]", "rl.steps=3", "rl.optim.lr=2e-3"]
 SWEEP_PARTS = ("multirun", "2026-01-01", "12-00-00")
 GROUP = "2026-01-01_12-00-00"
 

@@ -165,6 +165,7 @@ def test_rl_run_uses_the_plugin(package: Package, sft_policy: Path, tmp_path: Pa
         "experiment=smoke",
         "stage=rl",
         "logger=none",
+        "reward=[gold]",
         "rl.kl_coef=0",
         f"model.path={sft_policy}",
         f"run_dir={run_dir}",

@@ -1,6 +1,18 @@
-"""``stage=pipeline`` (the default): SFT -> RL -> gold evaluation, in one run directory."""
+"""``stage=pipeline`` (the default): the three stages of RLHF end to end in one run directory.
+
+1. SFT on demonstrations -> ``<run_dir>/sft``;
+2. when a learned reward is configured (a ``reward=`` plugin that trains a reward model):
+   feedback from the annotator on the SFT policy's samples -> ``<run_dir>/feedback``, then a
+   reward model trained on it -> ``<run_dir>/reward_model``, which scores the RL rollouts;
+3. online RL from the SFT policy -> ``<run_dir>/rl/policy``;
+4. gold-oracle evaluation of the RL policy against the SFT policy on held-out prompts.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import open_dict
 
 from alignkit.context import RunContext
 from alignkit.stages.common import load_model
@@ -9,10 +21,48 @@ from alignkit.stages.rl import run_rl
 from alignkit.stages.sft import run_sft
 
 
+def learned_rewards(ctx: RunContext) -> list[str]:
+    """Active reward plugins scored by a reward model that this run has to train."""
+    trainable = set(ctx.registry.names("rm_loss")) | {"rm_ensemble"}
+    return [
+        str(name)
+        for name, node in (ctx.cfg.get("reward") or {}).items()
+        if str(name) in trainable and not _has_model(node)
+    ]
+
+
+def _has_model(node: object) -> bool:
+    return bool(getattr(node, "path", None) or getattr(node, "paths", None))
+
+
+def train_reward_model(ctx: RunContext, policy: Path, names: list[str]) -> dict[str, float]:
+    """Feedback on ``policy``'s samples, a reward model on it, wired into ``reward.<name>``."""
+    from alignkit.stages.feedback import run_feedback
+    from alignkit.stages.reward_model import run_reward_model
+
+    summary = dict(run_feedback(ctx, policy_path=policy))
+    summary.update(run_reward_model(ctx, data=[ctx.run_dir / "feedback"], backbone=policy))
+    rm_dir = str(ctx.run_dir / "reward_model")
+    with open_dict(ctx.cfg):
+        for name in names:
+            node = ctx.cfg.reward[name]
+            if "paths" in node:
+                node.paths = [rm_dir]
+            else:
+                node.path = rm_dir
+        # A separate critic starts from the reward model (InstructGPT), unless one is given.
+        if "value_model_path" in ctx.cfg.algorithm and not ctx.cfg.algorithm.value_model_path:
+            ctx.cfg.algorithm.value_model_path = rm_dir
+    return summary
+
+
 def run_pipeline(ctx: RunContext) -> dict[str, float]:
     summary: dict[str, float] = {}
     summary.update(run_sft(ctx))
     sft_dir = ctx.run_dir / "sft"
+    names = learned_rewards(ctx)
+    if names:
+        summary.update(train_reward_model(ctx, sft_dir, names))
     rl_summary, rl_ctx = run_rl(ctx, sft_dir)
     summary.update(rl_summary)
     sft_policy, _ = load_model(ctx, sft_dir)

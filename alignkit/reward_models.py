@@ -1,0 +1,552 @@
+"""Reward models shared by the reward-model stage and the reward plugins.
+
+* Encoding: a (prompt, response) text pair becomes ``prompt + " " + response + EOS`` in the
+  reward model's *own* tokenizer, so a reward model trained with a different tokenizer than
+  the policy scores the policy's rollouts after a decode -> text -> re-encode round trip
+  (the N implementation details of RLHF, Huang et al. 2024). The reward is read at the last
+  non-pad token, the EOS (:meth:`alignkit.models.ScalarHeadModel.score`).
+* :class:`RewardScorer`: batched, length-sorted scoring of texts with a trained model; its
+  output is normalised with the model's saved mean / std (:func:`fit_normalization`).
+* :class:`EnsembleScorer` and :func:`ensemble_reward`: mean, conservative and worst-case
+  combination of several reward models (Eisenstein et al. 2023; Coste et al. 2023).
+* :class:`RewardBatch` / :func:`collate_groups`: the training batch every loss reads, and the
+  :class:`RewardLoss` protocol the ``rm_loss`` components implement.
+* Held-out metrics: pairwise accuracy against the labels and against the gold oracle.
+* :class:`LearnedRewardConfig` and :func:`reward_hook`: what each learned-reward plugin shares.
+
+Shapes: M = distinct sequences in a batch, T = sequence length, P = comparison pairs,
+G = groups (prompts), K = the largest group's number of responses, E = ensemble members.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from alignkit.config import RewardConfig
+from alignkit.data.feedback import PreferenceGroup
+from alignkit.errors import ConfigError
+from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel
+
+if TYPE_CHECKING:
+    from alignkit.batch import Rollout
+    from alignkit.context import RunContext
+
+ENSEMBLE_MODES: tuple[str, ...] = ("mean", "conservative", "min")
+
+# --------------------------------------------------------------------------------------------
+# encoding
+# --------------------------------------------------------------------------------------------
+
+
+def model_max_length(model: ScalarHeadModel, limit: int | None = None) -> int:
+    """The longest sequence the backbone's position table allows, capped at ``limit``."""
+    config = model.config
+    known = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
+    sizes = [int(v) for v in known if isinstance(v, int) and v > 0]
+    if limit is not None:
+        sizes.append(int(limit))
+    return min(sizes) if sizes else 512
+
+
+def encode_texts(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of ``prompt + " " + response + EOS`` per row, at most ``max_length`` long.
+
+    Prompt and response are tokenised apart (as in SFT), so the response tokens do not depend
+    on how the prompt ends. Too long a sequence loses tokens from the left: the end of the
+    response and the EOS, where the reward is read, are kept.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return []
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    texts = [" " + r.strip() if r.strip() else "" for r in responses]
+    r_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    # Tokenizers that expect a leading BOS (e.g. Llama's) get it; GPT-2 style ones do not.
+    bos = (
+        [int(tokenizer.bos_token_id)]
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+        else []
+    )
+    return [(bos + p + r + eos)[-max_length:] for p, r in zip(p_ids, r_ids, strict=True)]
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(M, T) right-padded ids and attention mask of ``sequences``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+
+
+class Scorer(Protocol):
+    """Anything that scores (prompt, response) texts: one model or an ensemble."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor: ...
+
+
+@dataclass
+class RewardScorer:
+    """Batched scoring of text pairs with a :class:`ScalarHeadModel` and its own tokenizer."""
+
+    model: ScalarHeadModel
+    tokenizer: Any
+    batch_size: int = 64
+    max_length: int | None = None
+    """Tokens per sequence; null: the backbone's position limit."""
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        """(B,) float32 normalised rewards, on the CPU.
+
+        Rows are sorted by length before batching, so a batch pads to similar lengths, and put
+        back in order afterwards.
+        """
+        limit = model_max_length(self.model, self.max_length)
+        seqs = encode_texts(self.tokenizer, prompts, responses, limit)
+        out = torch.zeros(len(seqs), dtype=torch.float32)
+        if not seqs:
+            return out
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        pad = _pad_id(self.tokenizer)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask = pad_right([seqs[i] for i in rows], pad)
+            values = self.model.score(ids.to(device), mask.to(device))
+            out[torch.tensor(rows)] = values.float().cpu()
+        self.model.train(was_training)
+        return out
+
+
+def ensemble_reward(scores: Tensor, mode: str = "mean", k: float = 1.0) -> Tensor:
+    """Combine (E, B) member scores into (B,) rewards.
+
+    * ``mean``: ``mean_e r_e`` (Eisenstein et al. 2023, mean aggregation).
+    * ``conservative``: ``mean_e r_e - k * std_e r_e`` with the population std (1/E), a
+      lower-confidence bound that penalises responses the members disagree on; Coste et al.
+      (2023) use the variance in the same role (uncertainty-weighted optimisation).
+    * ``min``: ``min_e r_e``, worst-case optimisation (Coste et al. 2023).
+    """
+    if scores.dim() != 2 or scores.shape[0] == 0:
+        raise ValueError(f"expected (E, B) member scores, got shape {tuple(scores.shape)}")
+    if mode == "mean":
+        return scores.mean(0)
+    if mode == "conservative":
+        return scores.mean(0) - k * scores.std(0, unbiased=False)
+    if mode == "min":
+        return scores.min(0).values
+    raise ConfigError(f"unknown ensemble mode {mode!r}; known modes: {', '.join(ENSEMBLE_MODES)}")
+
+
+@dataclass
+class EnsembleScorer:
+    """Scores with every member (each normalised on its own) and combines them."""
+
+    members: list[RewardScorer]
+    mode: str = "mean"
+    k: float = 1.0
+
+    def member_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        """(E, B) normalised score of each member."""
+        return torch.stack([m.score(prompts, responses) for m in self.members])
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        return ensemble_reward(self.member_scores(prompts, responses), self.mode, self.k)
+
+
+def member_folders(path: str | Path) -> list[Path]:
+    """``path`` itself, or its ``member_<i>`` folders when it holds a trained ensemble."""
+    path = Path(path)
+    members = sorted(
+        (p for p in path.glob("member_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1])
+    )
+    return members or [path]
+
+
+def load_scorer(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    key: str = "path",
+) -> RewardScorer:
+    """A :class:`RewardScorer` for a trained reward-model folder; ``key`` names the config entry
+    in errors."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / HEAD_WEIGHTS_NAME).is_file():
+        raise ConfigError(
+            f"{key}={path}: not a trained reward model (no {HEAD_WEIGHTS_NAME}); "
+            "train one with stage=reward_model"
+        )
+    model = ScalarHeadModel.from_pretrained(folder, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return RewardScorer(model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+# --------------------------------------------------------------------------------------------
+# normalisation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_normalization(
+    scorer: RewardScorer, prompts: Sequence[str], responses: Sequence[str]
+) -> tuple[float, float]:
+    """Set the model's mean / std so its scores on these samples have mean 0 and std 1.
+
+    The samples should come from the reference policy (Ziegler et al. 2019, Sec. 2.2): the RL
+    reward then starts centred with unit scale whatever the loss left as offset, so KL
+    coefficients and learning rates transfer between reward models. Returns (mean, std).
+    """
+    if len(prompts) < 2:
+        raise ValueError("normalisation needs at least 2 samples")
+    model = scorer.model
+    model.mean.fill_(0.0)
+    model.std.fill_(1.0)
+    raw = scorer.score(prompts, responses)
+    mean = float(raw.mean())
+    std = max(float(raw.std(unbiased=False)), 1e-6)  # a constant model keeps a finite scale
+    model.mean.fill_(mean)
+    model.std.fill_(std)
+    return mean, std
+
+
+# --------------------------------------------------------------------------------------------
+# training batches and the loss protocol
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardBatch:
+    """One training batch of groups; losses index the (M,) rewards with these tensors."""
+
+    input_ids: Tensor
+    """(M, T) right-padded distinct (prompt, response) sequences of the batch."""
+    attention_mask: Tensor
+    """(M, T) 1 on real tokens."""
+    chosen: Tensor
+    """(P,) row of the preferred response of each comparison."""
+    rejected: Tensor
+    """(P,) row of the other response."""
+    margin: Tensor
+    """(P,) float preference strength of each comparison (0 when the data has none)."""
+    pair_group: Tensor
+    """(P,) group of each comparison."""
+    index: Tensor
+    """(G, K) row of each group's k-th response; -1 pads shorter groups."""
+    ranks: Tensor
+    """(G, K) dense ranks, 0 best, equal for ties; padding holds a rank below every real one."""
+    targets: Tensor
+    """(G, K) float rating targets (standardised), NaN where there is none or padding."""
+
+    @property
+    def mask(self) -> Tensor:
+        """(G, K) bool, True on real responses."""
+        return self.index >= 0
+
+    def group_rewards(self, rewards: Tensor) -> Tensor:
+        """(M,) rewards -> (G, K) rewards per group slot (0 on padding)."""
+        return rewards[self.index.clamp(min=0)].masked_fill(~self.mask, 0.0)
+
+
+def collate_groups(
+    groups: Sequence[PreferenceGroup],
+    tokenizer: Any,
+    max_length: int,
+    target_stats: tuple[float, float] = (0.0, 1.0),
+) -> RewardBatch:
+    """Encode a batch of groups; a (prompt, response) seen twice is encoded and run once.
+
+    ``target_stats`` (mean, std) standardise rating targets, so regression learns outputs of
+    unit scale whatever the rating scale.
+    """
+    rows: dict[tuple[str, str], int] = {}
+    prompts: list[str] = []
+    responses: list[str] = []
+    k = max(len(g.responses) for g in groups)
+    index = torch.full((len(groups), k), -1, dtype=torch.long)
+    ranks = torch.full((len(groups), k), 1 << 30, dtype=torch.long)
+    targets = torch.full((len(groups), k), math.nan)
+    chosen: list[int] = []
+    rejected: list[int] = []
+    margins: list[float] = []
+    pair_group: list[int] = []
+    mean, std = target_stats
+    for g, group in enumerate(groups):
+        for j, response in enumerate(group.responses):
+            key = (group.prompt, response)
+            if key not in rows:
+                rows[key] = len(prompts)
+                prompts.append(group.prompt)
+                responses.append(response)
+            index[g, j] = rows[key]
+            ranks[g, j] = group.ranks[j]
+            if group.scores is not None:
+                targets[g, j] = (group.scores[j] - mean) / std
+        for a, b, margin in group.pairs:
+            chosen.append(int(index[g, a]))
+            rejected.append(int(index[g, b]))
+            margins.append(float(margin))
+            pair_group.append(g)
+    ids, mask = pad_right(
+        encode_texts(tokenizer, prompts, responses, max_length), _pad_id(tokenizer)
+    )
+    return RewardBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        chosen=torch.tensor(chosen, dtype=torch.long),
+        rejected=torch.tensor(rejected, dtype=torch.long),
+        margin=torch.tensor(margins, dtype=torch.float32),
+        pair_group=torch.tensor(pair_group, dtype=torch.long),
+        index=index,
+        ranks=ranks,
+        targets=targets,
+    )
+
+
+class RewardLoss(Protocol):
+    """A preference model's training loss: an ``rm_loss`` component.
+
+    ``requires`` says which groups it can learn from: ``"pairs"`` (at least one ordered pair:
+    every format) or ``"ratings"`` (groups with scores). A plugin registers a factory
+    ``factory(cfg) -> RewardLoss`` with ``registry.add("rm_loss", name, factory)``; ``cfg`` is
+    its ``reward.<name>`` config node, or None for the schema's defaults.
+    """
+
+    requires: ClassVar[str]
+
+    def __call__(self, rewards: Tensor, batch: RewardBatch) -> Tensor:
+        """(M,) raw rewards of the batch's sequences -> scalar loss."""
+        ...
+
+
+def loss_attribute(loss: Any) -> str | None:
+    """The rating attribute a loss trains on (``attribute`` field), None for the overall score."""
+    value = getattr(loss, "attribute", None)
+    return str(value) if value else None
+
+
+# --------------------------------------------------------------------------------------------
+# held-out metrics
+# --------------------------------------------------------------------------------------------
+
+
+def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
+    """Fraction of pairs with ``r(chosen) > r(rejected)``; an exact tie counts one half."""
+    if chosen.numel() == 0:
+        return math.nan
+    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return float(wins.mean())
+
+
+def score_groups(scorer: Scorer, groups: Sequence[PreferenceGroup]) -> list[list[float]]:
+    """Each group's response scores, from one batched scoring call over all of them."""
+    prompts = [g.prompt for g in groups for _ in g.responses]
+    responses = [r for g in groups for r in g.responses]
+    flat = scorer.score(prompts, responses).tolist()
+    out, start = [], 0
+    for g in groups:
+        out.append(flat[start : start + len(g.responses)])
+        start += len(g.responses)
+    return out
+
+
+def heldout_metrics(
+    groups: Sequence[PreferenceGroup],
+    scores: Sequence[Sequence[float]],
+    gold: Callable[[PreferenceGroup, str], float | None] | None = None,
+    category: Callable[[PreferenceGroup], str | None] | None = None,
+) -> dict[str, float]:
+    """Accuracy of ``scores`` on the groups' labelled pairs, and agreement with a gold oracle.
+
+    * ``rm_heldout_accuracy``: r(chosen) > r(rejected) against the (possibly noisy) labels.
+    * ``rm_gold_agreement``: on the same pairs, agreement with the gold oracle's preference;
+      a pair the oracle scores equal counts one half (it has no preferred side).
+    * ``rm_gold_agreement_noise_free``: only pairs whose gold scores differ.
+
+    ``gold(group, response)`` returns None when the prompt is unknown to the oracle; the gold
+    keys are then computed on the pairs it knows, and left out when there are none. With
+    ``category(group)`` (e.g. the task's prompt kind) the noise-free agreement is also given per
+    category, as ``rm_gold_agreement_noise_free/<category>``.
+    """
+    chosen, rejected = [], []
+    agree, noise_free = [], []
+    by_category: dict[str, list[float]] = {}
+    for group, values in zip(groups, scores, strict=True):
+        name = category(group) if category is not None else None
+        golds = [gold(group, r) for r in group.responses] if gold is not None else None
+        for a, b, _ in group.pairs:
+            chosen.append(values[a])
+            rejected.append(values[b])
+            if golds is None or golds[a] is None or golds[b] is None:
+                continue
+            g_a, g_b = float(golds[a]), float(golds[b])  # type: ignore[arg-type]
+            hit = _agreement(values[a] - values[b], g_a - g_b)
+            agree.append(hit)
+            if g_a != g_b:
+                noise_free.append(hit)
+                if name is not None:
+                    by_category.setdefault(name, []).append(hit)
+    out = {
+        "rm_heldout_accuracy": pairwise_accuracy(torch.tensor(chosen), torch.tensor(rejected)),
+        "rm_heldout_pairs": float(len(chosen)),
+    }
+    if agree:
+        out["rm_gold_agreement"] = sum(agree) / len(agree)
+    if noise_free:
+        out["rm_gold_agreement_noise_free"] = sum(noise_free) / len(noise_free)
+        out["rm_noise_free_pairs"] = float(len(noise_free))
+    for name, hits in sorted(by_category.items()):
+        out[f"rm_gold_agreement_noise_free/{name}"] = sum(hits) / len(hits)
+    return out
+
+
+def _agreement(model_gap: float, gold_gap: float) -> float:
+    if gold_gap == 0 or model_gap == 0:
+        return 0.5
+    return 1.0 if (model_gap > 0) == (gold_gap > 0) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# reward plugins
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LearnedRewardConfig(RewardConfig):
+    """Base of the learned-reward plugins' nodes (``reward.<name>``)."""
+
+    path: str | None = None
+    """The trained reward-model folder that scores rollouts in RL (``stage=reward_model``
+    writes ``<run_dir>/reward_model``)."""
+    batch_size: int = 64
+    """Sequences per forward when scoring rollouts."""
+    max_length: int | None = None
+    """Tokens per scored sequence; null: the reward model's position limit."""
+
+
+def rollout_texts(batch: Rollout, tokenizer: Any) -> tuple[list[str], list[str]]:
+    """The batch's prompt and response texts, decoded from its tokens when not given."""
+    from alignkit.generation import decode_responses
+
+    prompts = list(batch.prompts)
+    if len(prompts) != batch.num_rows:
+        prompts = [
+            tokenizer.decode(
+                [t for t, m in zip(ids, mask, strict=True) if m], skip_special_tokens=True
+            )
+            for ids, mask in zip(batch.prompt_ids.tolist(), batch.prompt_mask.tolist(), strict=True)
+        ]
+    responses = list(batch.responses)
+    if len(responses) != batch.num_rows:
+        responses = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+    return prompts, responses
+
+
+def scorer_for(ctx: RunContext, name: str) -> Scorer:
+    """The scorer of reward plugin ``name``, loaded once per run (kept in ``ctx.state``).
+
+    Plain (not JSON-able) objects in ``ctx.state`` are not checkpointed, which is right for a
+    frozen model that is re-read from its folder.
+    """
+    key = f"{name}/scorer"
+    if key not in ctx.state:
+        node = ctx.cfg.reward[name]
+        if "paths" in node:
+            ctx.state[key] = _ensemble_from_config(ctx, name, node)
+        else:
+            if not node.path:
+                raise ConfigError(
+                    f"reward.{name}.path is not set: the trained reward-model folder that scores "
+                    f"rollouts (e.g. reward.{name}.path=<run_dir>/reward_model)"
+                )
+            ctx.state[key] = load_scorer(
+                str(node.path),
+                device=ctx.device,
+                batch_size=int(node.batch_size),
+                max_length=node.max_length,
+                key=f"reward.{name}.path",
+            )
+    return ctx.state[key]
+
+
+def _ensemble_from_config(ctx: RunContext, name: str, node: Any) -> EnsembleScorer:
+    paths = [p for entry in (node.paths or []) for p in member_folders(str(entry))]
+    if not paths:
+        raise ConfigError(
+            f"reward.{name}.paths is empty: list the reward-model folders of the ensemble "
+            f"(a folder holding member_<i> folders counts as all of them)"
+        )
+    if str(node.mode) not in ENSEMBLE_MODES:
+        raise ConfigError(
+            f"reward.{name}.mode={node.mode!r}; known modes: {', '.join(ENSEMBLE_MODES)}"
+        )
+    members = [
+        load_scorer(
+            p,
+            device=ctx.device,
+            batch_size=int(node.batch_size),
+            max_length=node.max_length,
+            key=f"reward.{name}.paths",
+        )
+        for p in paths
+    ]
+    return EnsembleScorer(members, mode=str(node.mode), k=float(node.k))
+
+
+def reward_hook(ctx: RunContext, batch: Rollout, name: str) -> dict[str, Tensor]:
+    """The ``reward`` hook of a learned-reward plugin: ``{name: (B,) scores}``.
+
+    Texts are re-encoded with the reward model's tokenizer, which may differ from the
+    policy's.
+    """
+    prompts, responses = rollout_texts(batch, ctx.tokenizer)
+    return {name: scorer_for(ctx, name).score(prompts, responses)}
+
+
+def use_trained_reward_model(cfg: Any, path: str | Path) -> list[str]:
+    """Point every active learned-reward plugin whose path is unset at ``path``.
+
+    For pipelines that train a reward model and then run RL in one process. Returns the
+    ``reward.<name>`` entries it filled.
+    """
+    filled = []
+    for name, node in (cfg.get("reward") or {}).items():
+        if node is None:
+            continue
+        if "paths" in node and not node.paths:
+            node.paths = [str(path)]
+            filled.append(f"reward.{name}.paths")
+        elif "path" in node and not node.path:
+            node.path = str(path)
+            filled.append(f"reward.{name}.path")
+    return filled
