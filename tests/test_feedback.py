@@ -408,7 +408,6 @@ def test_ensemble_members_are_trained_and_scored_in_rl(sft_run: Path, tmp_path: 
     ("override", "message"),
     [
         ("reward_model.epoch=2", "Key 'epoch' not in 'RewardModelConfig'"),
-        ("feedback.sample_per_prompt=2", "Key 'sample_per_prompt' not in 'FeedbackConfig'"),
         ("reward.bradley_terry.marginn=1", "Key 'marginn' not in 'BradleyTerryConfig'"),
         ("feedback.format=votes", "feedback.format='votes'"),
         ("feedback.annotator=nobody", "unknown annotator 'nobody'; registered annotators:"),

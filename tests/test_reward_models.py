@@ -25,7 +25,7 @@ from alignkit.data.feedback import (
     RatingFeedback,
     to_groups,
 )
-from alignkit.errors import ConfigError, HookError
+from alignkit.errors import ConfigError
 from alignkit.generation import tokenize_prompts
 from alignkit.models import TinyModelSpec, build_tiny_model
 from alignkit.reward_models import (
@@ -436,7 +436,6 @@ def test_reward_plugin_without_a_path_names_the_key(tmp_path: Path) -> None:
     ctx.cfg = cfg
     with pytest.raises(ConfigError, match=r"reward\.rating_regression\.path is not set"):
         rating_regression.run_start(ctx)
-    assert HookError  # the engine wraps this in a HookError naming the plugin
 
 
 def test_ensemble_plugin_expands_member_folders(tiny_backbone: Path, tmp_path: Path) -> None:

@@ -366,7 +366,7 @@ def _train_member(
     backbone: str,
     train: Sequence[PreferenceGroup],
     loss_fn: RewardLoss,
-) -> tuple[RewardScorer, Any, dict[str, float]]:
+) -> tuple[RewardScorer, dict[str, float]]:
     rcfg = ctx.cfg.reward_model
     seed = int(ctx.cfg.seed) + index
     # The head is initialised from torch's global RNG: seeding here gives each ensemble member
@@ -393,7 +393,7 @@ def _train_member(
     scorer = RewardScorer(
         model, tokenizer, batch_size=int(rcfg.score_batch_size), max_length=int(rcfg.max_length)
     )
-    return scorer, tokenizer, metrics
+    return scorer, metrics
 
 
 def _save(ctx: RunContext, members: list[RewardScorer]) -> Path:
@@ -436,11 +436,14 @@ def run_reward_model(
         f"reward_model: {loss_name} loss on {len(train)} train / {len(heldout)} held-out groups, "
         f"backbone {backbone_path}"
     )
-    members, summary = [], {}
+    members: list[RewardScorer] = []
+    summary: dict[str, float] = {}
     for i in range(max(1, int(rcfg.ensemble_size))):
-        scorer, _, metrics = _train_member(ctx, i, backbone_path, train, loss_fn)
+        scorer, metrics = _train_member(ctx, i, backbone_path, train, loss_fn)
         members.append(scorer)
-        summary = summary or metrics  # the first member's training numbers
+        # The first member's training numbers; the time is the whole ensemble's.
+        seconds = summary.get("rm_train_seconds", 0.0) + metrics["rm_train_seconds"]
+        summary = {**(summary or metrics), "rm_train_seconds": seconds}
     summary |= _normalize(ctx, members, groups)
     summary |= _evaluate(ctx, members, heldout)
     out = _save(ctx, members)
