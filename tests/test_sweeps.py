@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from alignkit.compare import find_runs
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_env, run_cli
 
 ALGORITHMS = ("ppo", "grpo")
 SEEDS = (0, 1)
@@ -127,13 +127,6 @@ def test_seeds_differ_and_algorithms_differ(rl_sweep: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _job_interval(job: Path) -> tuple[float, float]:
-    """When a job started (Hydra writes ``.hydra/`` first) and ended (``summary.json``)."""
-    return (job / ".hydra" / "overrides.yaml").stat().st_mtime, (
-        job / "summary.json"
-    ).stat().st_mtime
-
-
 # Slow: two job processes each import torch and the plugins afresh (30-50 s on two cores).
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_with_the_same_results(
@@ -152,15 +145,21 @@ def test_joblib_launcher_runs_jobs_in_parallel_with_the_same_results(
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
             f"hydra.sweep.dir={sweep}",
-        ]
+            "plugins=[barrier]",
+        ],
+        # Every job waits at run_start until all have arrived: only parallel jobs can finish.
+        env=cli_env(
+            ALIGNKIT_PLUGINS="barrier=barrier_plugin",
+            PYTHONPATH=str(REPO / "tests"),
+            BARRIER_DIR=str(tmp_path / "barrier"),
+            BARRIER_N=str(len(SEEDS)),
+        ),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     jobs = job_dirs(sweep)
     assert len(jobs) == len(SEEDS)
-    # Both jobs were running at once: each started before the other ended.
-    (start_a, end_a), (start_b, end_b) = (_job_interval(j) for j in jobs)
-    assert start_a < end_b and start_b < end_a
+    assert len(list((tmp_path / "barrier").iterdir())) == len(SEEDS)  # two worker processes
     parallel, sequential = summaries_by_job(sweep), summaries_by_job(rl_sweep)
     for (algo, seed), summary in parallel.items():
         expected = sequential[(algo, seed)]
