@@ -375,6 +375,18 @@ def policy_gradient_update(
     )
 
 
+def kl_in_reward_update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    """The update of methods whose KL penalty sits in the reward (RLOO, REINFORCE++).
+
+    The clipped surrogate of :func:`policy_gradient_update`, plus the KL and reward metrics
+    of the step (``batch.extras["kl_seq"]``, set by the algorithm's ``advantage``).
+    """
+    spec = PolicyLossSpec.from_algorithm(ctx.cfg.algorithm)
+    metrics = policy_gradient_update(ctx, batch, spec)
+    kl_coef = float(ctx.cfg.rl.kl_coef)
+    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}
+
+
 def reference_kl(batch: Rollout, estimator: str) -> Tensor:
     """(B, R) per-token KL estimate of the sampling policy to the reference, 0 at padding.
 

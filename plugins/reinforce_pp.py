@@ -25,10 +25,8 @@ from alignkit.config import store_algorithm
 from alignkit.ops import per_token_rewards, returns_to_go, whiten_advantages
 from alignkit.training import (
     ClippedPGConfig,
-    PolicyLossSpec,
-    policy_gradient_update,
+    kl_in_reward_update,
     reference_kl,
-    rl_step_metrics,
 )
 
 
@@ -61,11 +59,4 @@ def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
 
 @hookimpl
 def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
-    algo = ctx.cfg.algorithm
-    metrics = policy_gradient_update(
-        ctx,
-        batch,
-        PolicyLossSpec.from_algorithm(algo),
-    )
-    kl_coef = float(ctx.cfg.rl.kl_coef)
-    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}
+    return kl_in_reward_update(ctx, batch)
