@@ -19,7 +19,7 @@ from alignkit.errors import AlignkitError, ConfigError, HookError
 CONFIG_PATH = "pkg://alignkit.conf"
 
 
-def _registration() -> tuple[Any, Any]:
+def registration() -> tuple[Any, Any]:
     """Discover plugins and let each contribute schemas and components (before composition)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return compare_main(args[1:])
     try:
-        manager, registry = _registration()
+        manager, registry = registration()
     except AlignkitError as exc:
         report_error(exc)
         return 2

@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_module
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from alignkit.config import register_base_schemas
+from alignkit.cli import registration
 from alignkit.context import RunContext
 from alignkit.engine import Engine
 from alignkit.plugins import PluginManager
@@ -68,17 +67,12 @@ def compose_config(
     args: argparse.Namespace, run_dir: Path
 ) -> tuple[DictConfig, PluginManager, ComponentRegistry]:
     """The config as ``alignkit stage=rl ...`` would compose it, active plugins, components."""
-    if not OmegaConf.has_resolver("alignkit.first"):
-        OmegaConf.register_new_resolver("alignkit.first", lambda a, b: b if a is None else a)
-    cs = ConfigStore.instance()
-    register_base_schemas(cs)
-    manager = PluginManager()
-    registry = ComponentRegistry()
-    manager.run_registration(cs, registry)
+    manager, registry = registration()
     overrides = [
         "stage=rl",
         f"algorithm={args.algorithm}",
         "logger=none",
+        "reward=[gold]",  # the benchmark measures RL with the task's rule-based reward
         f"seed={args.seed}",
         f"run_dir={run_dir}",
         f"model.tiny.n_layer={args.layers}",

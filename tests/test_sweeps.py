@@ -213,9 +213,9 @@ def compose() -> Iterator[Any]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from alignkit.cli import _registration
+    from alignkit.cli import registration
 
-    _registration()
+    registration()
     with initialize_config_module(config_module="alignkit.conf", version_base="1.3"):
         yield lambda overrides: hydra_compose(
             "config", overrides=overrides, return_hydra_config=True
