@@ -1,17 +1,25 @@
-"""Checkpoints of the RL loop, written atomically.
+"""Checkpoints of the RL loop, written atomically, on one device or sharded over ranks.
 
 Layout of ``<run_dir>/checkpoints``::
 
     step_000020/            one complete checkpoint (renamed into place only when complete)
-      model.safetensors     policy weights (safetensors; shared tensors handled)
-      optimizer.pt          optimizer and scheduler state (loaded with weights_only=True)
-      rng.pt                torch CPU RNG and the sampling generator's state
-      state.json            step, data position and JSON-able plugin state
+      model.safetensors     policy weights (one device; safetensors, shared tensors handled)
+      optimizer.pt          optimizer state (one device; loaded with weights_only=True)
+      dcp/                  policy and optimizer shards (backend=fsdp; torch.distributed.checkpoint)
+      scheduler.pt          learning-rate schedule state
+      rng.pt                RNG states: torch CPU (and CUDA), Python, the sampling generator
+      rng_rank<r>.pt        the same per rank (backend=fsdp)
+      state.json            step, data position and JSON-able plugin state (e.g. KL controller)
+      plugin_tensors.pt     tensor-valued plugin state
+      hf/                   the policy's HF config and tokenizer, for `alignkit export`
       ...                   files plugins add through the ``save_checkpoint`` hook
     latest                  name of the newest complete checkpoint (written atomically)
 
-A crash while writing leaves only a hidden temporary directory behind; ``latest`` still names
-the previous complete checkpoint.
+Every checkpoint is first written into a hidden temporary directory next to its final name
+and renamed into place by the main process once every rank has finished writing; ``latest``
+is updated only after that rename. A crash at any moment therefore leaves the previous
+complete checkpoint (and ``latest`` naming it) untouched; leftover temporary directories are
+removed at the next save.
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 
 from alignkit.context import RunContext
-from alignkit.io import atomic_write_dir, atomic_write_text
+from alignkit.io import atomic_directory, atomic_write_text
 
 LATEST = "latest"
+HF_DIR = "hf"
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -45,41 +53,79 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch
     return plain, tensors
 
 
-def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:
-    """Write ``step_<step>`` atomically, point ``latest`` at it, prune old ones."""
-    root = ctx.run_dir / "checkpoints"
-    name = f"step_{step:06d}"
+def _rng_file(ctx: RunContext) -> str:
+    return f"rng_rank{ctx.backend.rank}.pt" if ctx.backend.sharded else "rng.pt"
 
-    def fill(tmp: Path) -> None:
-        assert ctx.policy is not None
-        save_model(ctx.policy, str(tmp / "model.safetensors"))
-        optim = {
-            "optimizer": ctx.optimizer.state_dict() if ctx.optimizer else None,
-            "scheduler": ctx.scheduler.state_dict() if ctx.scheduler else None,
-        }
-        torch.save(optim, tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if ctx.generator is not None:
-            rng["generator"] = ctx.generator.get_state()
-        torch.save(rng, tmp / "rng.pt")
-        plain, tensors = _split_state(ctx.state)
-        torch.save(tensors, tmp / "plugin_tensors.pt")
-        meta = {"step": step, "plugin_state": plain, **extra}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+
+def _write_shared(ctx: RunContext, tmp: Path, step: int, extra: dict[str, Any]) -> None:
+    """The main process's part: schedule, step and plugin state, HF config, plugin files."""
+    torch.save(
+        {"scheduler": ctx.scheduler.state_dict() if ctx.scheduler else None},
+        tmp / "scheduler.pt",
+    )
+    plain, tensors = _split_state(ctx.state)
+    torch.save(tensors, tmp / "plugin_tensors.pt")
+    meta = {"step": step, "world_size": ctx.backend.world_size, "plugin_state": plain, **extra}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    _write_hf_files(ctx, tmp / HF_DIR)
+
+
+def _write_hf_files(ctx: RunContext, out: Path) -> None:
+    """Config and tokenizer of the policy, so that the checkpoint exports on its own."""
+    config = getattr(ctx.policy, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return
+    from alignkit.lora import is_lora_model
+
+    if is_lora_model(ctx.policy):
+        return  # adapter weights are not a plain HF model; export the final policy folder
+    config.save_pretrained(out)
+    if ctx.tokenizer is not None:
+        ctx.tokenizer.save_pretrained(out)
+
+
+def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:
+    """Write ``step_<step>`` atomically, point ``latest`` at it, prune old ones.
+
+    Collective under a sharded backend: every rank must call it.
+    """
+    assert ctx.policy is not None
+    backend = ctx.backend
+    root = ctx.run_dir / "checkpoints"
+    final = root / f"step_{step:06d}"
+
+    def write_rank_files(tmp: Path) -> None:
+        # Under FSDP every rank writes its shards; on one device only the main process runs.
+        backend.save_model_state(tmp, ctx.policy, ctx.optimizer)
+        torch.save(backend.rng_state(ctx.generator), tmp / _rng_file(ctx))
+        # Plugins may hold sharded modules too (a PPO critic): they write on the same ranks.
         ctx.plugins.call("save_checkpoint", ctx=ctx, directory=tmp)
 
     if ctx.is_main_process:
-        atomic_write_dir(root / name, fill)
-        atomic_write_text(root / LATEST, name + "\n")
-        _prune(root, keep=int(ctx.cfg.rl.keep_checkpoints), newest=name)
-    return root / name
+        with atomic_directory(final) as tmp:
+            if backend.sharded:
+                backend.broadcast_object(str(tmp))
+            write_rank_files(tmp)
+            backend.barrier()  # every rank's files are complete before the rename
+            _write_shared(ctx, tmp, step, extra)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep=int(ctx.cfg.rl.keep_checkpoints), newest=final.name)
+    elif backend.sharded:
+        tmp = Path(backend.broadcast_object(""))
+        write_rank_files(tmp)
+        backend.barrier()
+    backend.barrier()  # no rank runs ahead of a checkpoint that is not yet in place
+    return final
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:
+    """Keep the newest ``keep`` checkpoints; remove temporary directories of crashed saves."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in done[: max(0, len(done) - max(keep, 1))]:
         if old.name != newest:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -92,20 +138,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(ctx: RunContext, directory: Path) -> dict[str, Any]:
-    """Restore policy, optimizer, scheduler, RNG and plugin state; return ``state.json``."""
+    """Restore policy, optimizer, scheduler, RNG and plugin state; return ``state.json``.
+
+    Collective under a sharded backend: every rank must call it.
+    """
     assert ctx.policy is not None
-    load_model(ctx.policy, str(directory / "model.safetensors"), device=str(ctx.device))
-    optim = torch.load(directory / "optimizer.pt", weights_only=True)
-    if ctx.optimizer is not None and optim["optimizer"] is not None:
-        ctx.optimizer.load_state_dict(optim["optimizer"])
-    if ctx.scheduler is not None and optim["scheduler"] is not None:
-        ctx.scheduler.load_state_dict(optim["scheduler"])
-    rng = torch.load(directory / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if ctx.generator is not None and "generator" in rng:
-        ctx.generator.set_state(rng["generator"])
+    backend = ctx.backend
+    backend.load_model_state(directory, ctx.policy, ctx.optimizer)
+    scheduler_state = _scheduler_state(directory)
+    if ctx.scheduler is not None and scheduler_state is not None:
+        ctx.scheduler.load_state_dict(scheduler_state)
     meta = json.loads((directory / "state.json").read_text())
+    rng_path = directory / _rng_file(ctx)
+    if rng_path.is_file():
+        backend.load_rng_state(torch.load(rng_path, weights_only=True), ctx.generator)
+    else:
+        # Resumed on a different number of ranks: data and weights continue, samples differ.
+        from alignkit.tracking import console
+
+        console.print(
+            f"[yellow]{directory.name}: no {rng_path.name} (saved with world size "
+            f"{meta.get('world_size', 1)}); sampling RNG starts fresh[/]"
+        )
     ctx.state.update(meta.get("plugin_state", {}))
     ctx.state.update(torch.load(directory / "plugin_tensors.pt", weights_only=True))
     ctx.plugins.call("load_checkpoint", ctx=ctx, directory=directory)
     return meta
+
+
+def _scheduler_state(directory: Path) -> dict[str, Any] | None:
+    if (directory / "scheduler.pt").is_file():
+        return torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"]
+    # Checkpoints written before the scheduler had its own file kept it with the optimizer.
+    legacy = torch.load(directory / "optimizer.pt", weights_only=True)
+    return legacy.get("scheduler")

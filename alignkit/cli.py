@@ -4,6 +4,10 @@
   sweeps (``alignkit -m algorithm=reinforce seed=0,1``).
 * ``alignkit plugins`` lists every installed plugin, where it comes from and its hooks.
 * ``alignkit compare SWEEP_DIR`` plots and tabulates a sweep's runs (mean and 95% CI).
+* ``alignkit export CHECKPOINT OUT`` turns an RL checkpoint (any backend's) into an HF folder.
+
+Under ``torchrun`` (``backend=fsdp``) every rank runs the same command; rank 0 alone prints,
+writes metrics and summaries and owns the W&B run.
 """
 
 from __future__ import annotations
@@ -104,10 +108,11 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
     """Activate the plugins the config names, build the context and run ``cfg.stage``."""
     from omegaconf import OmegaConf
 
+    from alignkit.backends import build_backend
     from alignkit.context import RunContext
     from alignkit.plugins import PluginManager
-    from alignkit.stages.common import build_task, configure_threads, seed_everything
-    from alignkit.tracking import Tracker, print_summary
+    from alignkit.stages.common import build_task
+    from alignkit.tracking import Tracker, console, print_summary
 
     # A fresh manager per job: in a multirun each job activates its own plugins, and class
     # plugins get fresh state.
@@ -118,29 +123,46 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
         raise ConfigError(
             f"stage={cfg.stage!r} is not a known stage; known: {', '.join(registry.names('stage'))}"
         )
-    wcfg = wandb_settings(cfg)
-    tracker = Tracker(
-        run_dir,
-        config={**OmegaConf.to_container(cfg, resolve=True), "meta": run_metadata()},
-        wandb_cfg=wcfg,  # type: ignore[arg-type]
-    )
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, plugins=manager, registry=registry, tracker=tracker)
-    exit_code = 1
+    backend = build_backend(cfg.backend, registry)
+    backend.setup()
     try:
-        configure_threads(ctx)
-        ctx.generator = seed_everything(int(cfg.seed))
-        import torch
-
-        ctx.device = torch.device(str(cfg.backend.device))
-        ctx.task = build_task(ctx)
-        summary = registry.build("stage", str(cfg.stage), ctx=ctx)
-        summary = {"stage": str(cfg.stage), **summary}
-        tracker.write_summary(summary)
-        print_summary(f"alignkit {cfg.stage}: {run_dir}", summary)
-        exit_code = 0
-        return summary
+        # Under torchrun every rank composes its own config; rank 0's run directory wins (a
+        # timestamped default could differ by a second between ranks).
+        run_dir = Path(backend.broadcast_object(str(run_dir)))
+        # Rank 0 alone prints, logs metrics and owns the W&B run.
+        console.quiet = not backend.is_main_process
+        wcfg = wandb_settings(cfg)
+        tracker = Tracker(
+            run_dir,
+            config={**OmegaConf.to_container(cfg, resolve=True), "meta": run_metadata()},
+            wandb_cfg=wcfg,  # type: ignore[arg-type]
+            enabled=backend.is_main_process,
+        )
+        ctx = RunContext(
+            cfg=cfg,
+            run_dir=run_dir,
+            plugins=manager,
+            registry=registry,
+            tracker=tracker,
+            backend=backend,
+            rank=backend.rank,
+            world_size=backend.world_size,
+            device=backend.device,
+        )
+        exit_code = 1
+        try:
+            ctx.generator = backend.seed(int(cfg.seed))
+            ctx.task = build_task(ctx)
+            summary = registry.build("stage", str(cfg.stage), ctx=ctx)
+            summary = {"stage": str(cfg.stage), **summary}
+            tracker.write_summary(summary)
+            print_summary(f"alignkit {cfg.stage}: {run_dir}", summary)
+            exit_code = 0
+            return summary
+        finally:
+            tracker.finish(exit_code)
     finally:
-        tracker.finish(exit_code)
+        backend.teardown()
 
 
 def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], Any]:
@@ -210,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alignkit.compare import main as compare_main
 
         return compare_main(args[1:])
+    if args[:1] == ["export"]:
+        from alignkit.export import main as export_main
+
+        return export_main(args[1:])
     try:
         manager, registry = registration()
     except AlignkitError as exc:

@@ -111,7 +111,10 @@ class RLConfig:
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     resume: bool = False
-    """Continue from the latest complete checkpoint in ``<run_dir>/rl/checkpoints``."""
+    """Continue from the latest complete checkpoint in ``<run_dir>/rl/checkpoints`` (model,
+    optimizer, scheduler, RNG, data position, plugin state such as the KL controller) and the
+    same W&B run; with no checkpoint yet the run starts from step 0, so a job script can always
+    pass ``rl.resume=true`` (resume if possible, else start)."""
     log_every: int = 1
     samples_every: int = 20
     """Log a table of sample generations every N steps (0: never)."""
@@ -122,6 +125,8 @@ class RLConfig:
 @dataclass
 class EvalConfig:
     num_prompts: int = 200
+    samples_per_prompt: int = 4
+    """Responses per held-out prompt and policy; the win-rate pairs the i-th of each."""
     max_new_tokens: int = 32
     greedy: bool = False
     temperature: float = 1.0
@@ -135,10 +140,19 @@ class EvalConfig:
 
 @dataclass
 class BackendConfig:
+    """Hardware: ``backend=cpu`` (default), ``single_gpu`` or ``fsdp`` (see docs/backends.md)."""
+
     name: str = "cpu"
     device: str = "cpu"
+    """cpu, cuda, cuda:<i>, or auto (fsdp: cuda:<LOCAL_RANK> when CUDA is available, else cpu)."""
     threads: int | None = None
     """torch intra-op threads; null keeps torch's default."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in the backward pass (less memory, more compute)."""
+    timeout_s: float = 1800.0
+    """fsdp: timeout of collectives, in seconds."""
 
 
 @dataclass

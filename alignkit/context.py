@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from alignkit.backends.base import Backend
+from alignkit.backends.cpu import CPUBackend
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -20,7 +23,8 @@ if TYPE_CHECKING:
 class RunContext:
     """What a plugin may use: models, tokenizer, task, config, tracker and its own state.
 
-    Plugins never import the engine; everything they need arrives here. ``state`` is a dict
+    Plugins never import the engine; everything they need arrives here. ``rank`` and
+    ``world_size`` mirror the backend's process group (0 and 1 on one device). ``state`` is a dict
     for plugin-owned values (a KL controller's coefficient, a value head); JSON-able values and
     tensors in it are saved in checkpoints and restored on resume.
     """
@@ -45,6 +49,9 @@ class RunContext:
     state: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    backend: Backend = field(default_factory=lambda: CPUBackend({"name": "cpu", "device": "cpu"}))
+    """Device placement, collectives and checkpoint I/O (:mod:`alignkit.backends`). Under
+    ``backend=fsdp`` ``ctx.backend.all_reduce`` gives plugins the sum/mean over ranks."""
 
     @property
     def is_main_process(self) -> bool:

@@ -4,10 +4,19 @@ No algorithm-specific logic lives here. Each step the engine picks the step's pr
 the four phase hooks in order handing the same :class:`~alignkit.batch.Rollout` along,
 combines the reward components with their configured weights, logs metrics and writes
 periodic checkpoints.
+
+Under a multi-rank backend (``backend=fsdp``) every rank draws the same global list of
+``rl.prompts_per_step`` prompts and rolls out its contiguous share of them (generation, the
+costly phase, is data-parallel; every forward is collective). The shares are then gathered
+into the global batch, so the reward, advantage and update hooks see exactly the batch a
+single process would see: batch-level statistics (advantage whitening, group baselines, the
+KL controller) need no collectives in plugins, and since every rank contributes the same
+gradient, FSDP's gradient averaging gives the single-process gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Sequence
@@ -87,6 +96,91 @@ def combine_rewards(
     return total, components
 
 
+def _pad_to(x: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+    """(B, W) -> (B, width) padded with ``value`` on the left or the right."""
+    extra = width - x.shape[1]
+    if extra == 0:
+        return x
+    pad = x.new_full((x.shape[0], extra), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+_RESPONSE_FIELDS = ("logprobs", "ref_logprobs", "values", "advantages", "returns")
+
+
+def merge_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """Concatenate per-rank rollouts (in rank order) into one batch.
+
+    Prompts are re-padded on the left to the widest prompt, responses on the right to the
+    longest response (mask 0, per-token values 0), so the result has the layout a single
+    process would build from all the prompts at once. Group ids are offset so that every
+    prompt keeps its own group.
+    """
+    width_p = max(p.prompt_ids.shape[1] for p in parts)
+    width_r = max(p.response_ids.shape[1] for p in parts)
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += int(part.group_ids.max().item()) + 1 if part.num_rows else 0
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat(values)
+
+    merged = Rollout(
+        prompt_ids=torch.cat([_pad_to(p.prompt_ids, width_p, pad_token_id, True) for p in parts]),
+        prompt_mask=torch.cat([_pad_to(p.prompt_mask, width_p, 0, True) for p in parts]),
+        response_ids=torch.cat(
+            [_pad_to(p.response_ids, width_r, pad_token_id, False) for p in parts]
+        ),
+        response_mask=torch.cat([_pad_to(p.response_mask, width_r, 0, False) for p in parts]),
+        group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets, strict=True)]),
+        prompts=[t for p in parts for t in p.prompts],
+        responses=[t for p in parts for t in p.responses],
+        records=[r for p in parts for r in p.records],
+        finished=cat("finished"),
+        rewards=cat("rewards"),
+    )
+    for name in _RESPONSE_FIELDS:
+        values = [getattr(p, name) for p in parts]
+        if all(v is not None for v in values):
+            padded = [_pad_to(v, width_r, 0.0, False) for v in values]
+            setattr(merged, name, torch.cat(padded))
+    for key in parts[0].reward_components:
+        merged.reward_components[key] = torch.cat([p.reward_components[key] for p in parts])
+    for key, value in parts[0].extras.items():
+        rows = [p.extras.get(key) for p in parts]
+        same_rows = all(
+            isinstance(v, torch.Tensor) and v.shape[:1] == (p.num_rows,)
+            for v, p in zip(rows, parts, strict=True)
+        )
+        merged.extras[key] = torch.cat(rows) if same_rows else value  # type: ignore[arg-type]
+    return merged
+
+
+def _to_device(batch: Rollout, device: torch.device) -> Rollout:
+    """The same rollout with every tensor (fields, components, extras) on ``device``."""
+    out = dataclasses.replace(batch)
+    for f in dataclasses.fields(out):
+        value = getattr(out, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(out, f.name, value.to(device))
+    out.reward_components = {k: v.to(device) for k, v in batch.reward_components.items()}
+    out.extras = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.extras.items()
+    }
+    return out
+
+
+def gather_rollout(ctx: RunContext, batch: Rollout) -> Rollout:
+    """Every rank's rollout merged into the global batch (identical on every rank)."""
+    parts = ctx.backend.all_gather_object(_to_device(batch, torch.device("cpu")))
+    pad = int(getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
+    return _to_device(merge_rollouts(parts, pad), batch.response_ids.device)
+
+
 def _check_batch(batch: Any, hook: str, plugin: str) -> None:
     """A phase hook's batch must be a consistent Rollout; the error names plugin and hook."""
     if not isinstance(batch, Rollout):
@@ -121,12 +215,23 @@ class Engine:
     def __init__(self, ctx: RunContext, prompts: Sequence[Any]) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg.rl
+        world = ctx.backend.world_size
+        if int(self.cfg.prompts_per_step) % world:
+            raise ConfigError(
+                f"rl.prompts_per_step={self.cfg.prompts_per_step} must be a multiple of the "
+                f"number of ranks ({world}): every rank rolls out an equal share"
+            )
+        # The same seed on every rank: all ranks draw the same global prompts each step.
         self.sampler = PromptSampler(prompts, seed=int(ctx.cfg.seed))
         self.start_step = 0
         self.history: list[dict[str, float]] = []
 
     def maybe_resume(self) -> None:
-        """With ``rl.resume=true``, continue from the latest complete checkpoint."""
+        """With ``rl.resume=true``, continue from the latest complete checkpoint (if any).
+
+        Restores weights, optimizer, schedule, RNG states, data position and plugin state, so
+        on the CPU the resumed run follows the uninterrupted run's trajectory exactly.
+        """
         if not self.cfg.resume:
             return
         path = latest_checkpoint(self.ctx.run_dir)
@@ -136,7 +241,10 @@ class Engine:
         meta = load_checkpoint(self.ctx, path)
         self.sampler.restore(meta["sampler"])
         self.start_step = int(meta["step"])
-        console.print(f"resumed from {path} at step {self.start_step}")
+        # Steps logged after the checkpoint (a crash) are run again: drop their old records.
+        dropped = self.ctx.tracker.rewind("rl", self.start_step)
+        note = f" (re-running {dropped} logged step(s) after it)" if dropped else ""
+        console.print(f"resumed from {path} at step {self.start_step}{note}")
 
     def log_samples(self, step: int, batch: Rollout) -> None:
         """A table of this step's generations with every reward component (and gold)."""
@@ -161,13 +269,19 @@ class Engine:
 
         t = time.perf_counter()
         records = self.sampler.next(int(self.cfg.prompts_per_step))
-        batch: Rollout = pm.call("rollout", ctx=ctx, records=records)
+        batch: Rollout = pm.call("rollout", ctx=ctx, records=ctx.backend.shard(records))
         _check_batch(batch, "rollout", pm.implementers("rollout")[0])
+        if ctx.backend.distributed:
+            batch = gather_rollout(ctx, batch)
         timings["time/rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
         results = [r for r in pm.call("reward", ctx=ctx, batch=batch) if r]
-        batch.rewards, batch.reward_components = combine_rewards(ctx, results, batch.num_rows)
+        rewards, components = combine_rewards(ctx, results, batch.num_rows)
+        # Reward plugins may score on the CPU; the batch lives on the backend's device.
+        device = batch.response_ids.device
+        batch.rewards = rewards.to(device)
+        batch.reward_components = {k: v.to(device) for k, v in components.items()}
         timings["time/reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -201,7 +315,8 @@ class Engine:
         with _progress() as progress:
             task = progress.add_task("rl", total=total, completed=self.start_step, info="")
             for step in range(self.start_step, total):
-                metrics = self.step(step)
+                with ctx.backend.autocast():
+                    metrics = self.step(step)
                 self.history.append(metrics)
                 if step % int(self.cfg.log_every) == 0 or step == total - 1:
                     ctx.tracker.log(metrics, step=step, stage="rl")

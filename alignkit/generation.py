@@ -97,6 +97,33 @@ def _truncate(scaled_logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled_logits
 
 
+def _all_finished(model: nn.Module, finished: Tensor) -> bool:
+    """Whether every row has emitted EOS, on every rank when ``model`` is FSDP-sharded.
+
+    Each forward of a sharded model all-gathers parameters with the other ranks, so all ranks
+    must run the same number of decode steps: a rank whose rows are done keeps decoding
+    padding until every rank is done (the stop decision is a MIN over ranks).
+    """
+    done = finished.all()
+    if _is_sharded(model):
+        import torch.distributed as dist
+
+        flag = done.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        done = flag.bool()
+    return bool(done)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """An FSDP2 module in a process group of more than one rank."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -125,7 +152,8 @@ def generate(
 
     Returns:
         :class:`GenerationOutput` with R <= ``max_new_tokens`` columns: the loop stops as soon as
-        every row has emitted EOS.
+        every row has emitted EOS (on every rank, for an FSDP-sharded ``model``: all ranks
+        must take part in every forward).
 
     Log-prob convention: ``logprobs`` are taken from the full temperature-scaled distribution,
     *not* the top-k / top-p truncated one we sample from. This is what
@@ -168,7 +196,7 @@ def generate(
             logprobs.append(torch.where(alive, token_logprob.squeeze(-1), 0.0))
         finished = finished | (alive & (token == eos_token_id))
         # One host sync per token; it lets a batch that is done stop paying for more forwards.
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or _all_finished(model, finished):
             break
         # Finished rows keep running on padding; their outputs are discarded by the mask.
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)

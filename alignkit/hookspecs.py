@@ -110,9 +110,12 @@ def step_end(ctx: RunContext, step: int, batch: Rollout, metrics: dict[str, floa
 def save_checkpoint(ctx: RunContext, directory: Path) -> None:
     """A checkpoint is being written into ``directory`` (not yet published).
 
-    Called on the main process, on active plugins, after the engine saved the policy,
-    optimizer and RNG states there. Write extra files into ``directory``; the engine publishes
-    it atomically afterwards, so a crash mid-write never leaves a half-written checkpoint.
+    Called on active plugins after the engine saved the policy, optimizer and RNG states
+    there: on the main process on one device, on every rank under a sharded backend (FSDP),
+    where each rank writes its shards (``ctx.backend.save_model_state``) and only
+    ``ctx.is_main_process`` writes shared files. Write extra files into ``directory``; the
+    engine publishes it atomically afterwards, so a crash mid-write never leaves a
+    half-written checkpoint.
     State kept in ``ctx.state`` as JSON-able values or tensors is saved for you. Returns
     nothing.
     """

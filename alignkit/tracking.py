@@ -80,7 +80,9 @@ def wandb_mode(requested: str) -> str:
 class Tracker:
     """Logs metrics to ``metrics.jsonl``, W&B (optional) and the console.
 
-    Only the main process writes; other ranks get a tracker with ``enabled=False``.
+    Only the main process writes; other ranks get a tracker with ``enabled=False`` (no files,
+    no W&B run). A run directory that already holds a W&B run id (``wandb_run_id``) continues
+    that run (``resume="allow"``), so a resumed job appends to the same W&B run.
     """
 
     def __init__(
@@ -151,6 +153,21 @@ class Tracker:
             payload = {f"{stage}/{k}": _jsonable(v) for k, v in metrics.items()}
             payload[f"{stage}/step"] = step
             self._wandb_run.log(payload)
+
+    def rewind(self, stage: str, step: int) -> int:
+        """Drop ``metrics.jsonl`` records of ``stage`` at ``step`` or later; return how many.
+
+        A resumed run continues from its last checkpoint, so the steps a crash interrupted
+        after it are run again: without this they would appear twice. (W&B keeps what it
+        received; its step axis ``<stage>/step`` shows the repeated steps where they belong.)
+        """
+        if not self.enabled or not self.metrics_path.is_file():
+            return 0
+        records = read_metrics(self.metrics_path)
+        kept = [r for r in records if not (r.get("stage") == stage and r.get("step", 0) >= step)]
+        if len(kept) < len(records):
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A small table (e.g. sample generations): to ``<name>.json`` and W&B."""

@@ -22,14 +22,12 @@ recorded (no second forward pass). With ``kl_in_loss`` the KL leaves the reward 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from alignkit import Rollout, RunContext, hookimpl
@@ -66,8 +64,8 @@ from alignkit.training import (
 
 VALUE_KEY = "ppo/value"
 """``ctx.state`` key of the :class:`ValueState` (not JSON-able: saved by this plugin's hooks)."""
-VALUE_WEIGHTS = "ppo_value.safetensors"
-VALUE_OPTIMIZER = "ppo_value_optimizer.pt"
+VALUE_DIR = "ppo_value"
+"""Checkpoint subfolder of the critic: weights and optimizer, written by the backend."""
 
 
 @dataclass
@@ -139,9 +137,13 @@ def _hidden_size(policy: nn.Module) -> int:
     return int(policy.get_input_embeddings().embedding_dim)
 
 
-def _plain_copy(policy: nn.Module) -> nn.Module:
-    """A trainable copy of the policy's weights (LoRA adapters merged in, if any)."""
-    model = copy.deepcopy(policy)
+def _plain_copy(ctx: RunContext, policy: nn.Module) -> nn.Module:
+    """A trainable copy of the policy's weights (LoRA adapters merged in, if any).
+
+    The backend makes the copy: FSDP-sharded modules cannot be deep-copied, their full
+    weights are gathered instead.
+    """
+    model = ctx.backend.full_copy(policy)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.requires_grad_(True)
@@ -165,13 +167,14 @@ def build_value_state(ctx: RunContext) -> ValueState:
                 trust_remote_code=bool(ctx.cfg.model.get("trust_remote_code", False)),
             )
         else:
-            module = ScalarHeadModel(_plain_copy(ctx.policy))
+            module = ScalarHeadModel(_plain_copy(ctx, ctx.policy))
     else:
         raise ConfigError(
             f"algorithm.value_model must be 'shared' or 'separate', got {algo.value_model!r}"
         )
-    module.to(ctx.device)
     disable_dropout(module)
+    # Placed (and under FSDP sharded) before its optimizer sees the parameters.
+    module = ctx.backend.prepare_model(module)
     lr = float(optim.lr) if algo.value_lr is None else float(algo.value_lr)
     optimizer = torch.optim.AdamW(
         module.parameters(),
@@ -283,21 +286,22 @@ def save_checkpoint(ctx: RunContext, directory: Path) -> None:
     critic = ctx.state.get(VALUE_KEY)
     if critic is None:
         return
-    save_model(critic.module, str(directory / VALUE_WEIGHTS))
-    torch.save(critic.optimizer.state_dict(), directory / VALUE_OPTIMIZER)
+    # Called on every rank that writes checkpoint files; under FSDP each writes its shards.
+    out = directory / VALUE_DIR
+    out.mkdir(exist_ok=True)
+    ctx.backend.save_model_state(out, critic.module, critic.optimizer)
 
 
 @hookimpl
 def load_checkpoint(ctx: RunContext, directory: Path) -> None:
     # Called before run_start, so the critic is created here to receive its weights.
     critic = value_state(ctx)
-    if not (directory / VALUE_WEIGHTS).is_file():
+    if not (directory / VALUE_DIR).is_dir():
         raise ConfigError(
-            f"checkpoint {directory} has no PPO critic ({VALUE_WEIGHTS}); "
+            f"checkpoint {directory} has no PPO critic ({VALUE_DIR}/); "
             "it was not written by algorithm=ppo"
         )
-    load_model(critic.module, str(directory / VALUE_WEIGHTS), device=str(ctx.device))
-    critic.optimizer.load_state_dict(torch.load(directory / VALUE_OPTIMIZER, weights_only=True))
+    ctx.backend.load_model_state(directory / VALUE_DIR, critic.module, critic.optimizer)
 
 
 # ---------------------------------------------------------------------------------------------

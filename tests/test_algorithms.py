@@ -372,7 +372,7 @@ def test_ppo_checkpoint_restores_critic_and_kl_controller(tmp_path: Path, value_
     # KL 0.25 per sequence >> target: error clipped to 0.2 -> beta = 0.5 * (1 + 0.2 * 4/8) = 0.55
     assert ppo.kl_controller(ctx).coef == pytest.approx(0.55)
     path = save_checkpoint(ctx, 1, {"sampler": {}})
-    assert (path / ppo.VALUE_WEIGHTS).is_file()
+    assert (path / ppo.VALUE_DIR / "model.safetensors").is_file()
 
     fresh = _policy(seed=1)
     ctx2 = _ctx(
@@ -494,4 +494,4 @@ def test_cli_smoke_run(sft_run: Path, tmp_path: Path, name: str) -> None:
         assert not missing, missing
         assert isinstance(row["reward/gold"], float)
     if name == "ppo":
-        assert (tmp_path / "rl" / "checkpoints" / "step_000003" / ppo.VALUE_WEIGHTS).is_file()
+        assert (tmp_path / "rl" / "checkpoints" / "step_000003" / ppo.VALUE_DIR).is_dir()

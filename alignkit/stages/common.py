@@ -15,7 +15,11 @@ from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python and torch; return a dedicated generator for sampling."""
+    """Seed Python and torch; return a dedicated generator for sampling.
+
+    The single-process case of :meth:`alignkit.backends.Backend.seed` (which seeds the
+    generator with ``seed + rank``).
+    """
     random.seed(seed)
     torch.manual_seed(seed)
     generator = torch.Generator()
@@ -44,6 +48,13 @@ def base_model_path(ctx: RunContext) -> str:
     if ctx.cfg.model.path:
         return str(ctx.cfg.model.path)
     out = ctx.run_dir / "base_model"
+    # Under several ranks the main process builds the folder and the others then read it.
+    with ctx.backend.main_process_first():
+        _build_base_model(ctx, out)
+    return str(out)
+
+
+def _build_base_model(ctx: RunContext, out: Path) -> None:
     if not (out / "config.json").is_file():
         t = ctx.cfg.model.tiny
         spec = TinyModelSpec(
@@ -55,7 +66,6 @@ def base_model_path(ctx: RunContext) -> str:
             seed=int(ctx.cfg.seed),
         )
         build_tiny_model(out, ctx.task.corpus(), spec)
-    return str(out)
 
 
 def load_model(ctx: RunContext, path: str | Path) -> tuple[torch.nn.Module, Any]:
@@ -87,6 +97,7 @@ def linear_warmup_decay(
 
 
 def configure_threads(ctx: RunContext) -> None:
+    """``backend.threads`` (the backend's ``setup`` does the same; kept for callers)."""
     threads = ctx.cfg.backend.threads
     if threads:
         torch.set_num_threads(int(threads))

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from alignkit.backends import Backend, CPUBackend
 from alignkit.context import RunContext
 from alignkit.data.feedback import PreferenceGroup, load_feedback, to_groups
 from alignkit.errors import ConfigError, DataError
@@ -220,6 +221,7 @@ def train_reward_model(
     *,
     log: Callable[[dict[str, float], int], None] | None = None,
     progress_label: str | None = None,
+    backend: Backend | None = None,
 ) -> dict[str, float]:
     """Optimise ``model`` in place on ``groups``; return the final training metrics.
 
@@ -227,9 +229,20 @@ def train_reward_model(
     pairs of a ranking is not recomputed), reads the raw reward at each last token and calls
     ``loss_fn(rewards, batch)``. The model's normalisation buffers are reset to 0 / 1 so
     training sees raw rewards.
+
+    With a multi-rank ``backend`` (``model`` already prepared by it) every rank draws the same
+    batch of ``batch_size`` groups and trains on its contiguous share; gradients are averaged
+    over ranks, so the step equals one process's when every share holds the same number of
+    comparisons (pairwise feedback, or rankings of one size). Logged metrics are rank means.
     """
+    backend = backend if backend is not None else CPUBackend({"device": "cpu"})
     if not groups:
         raise DataError("no feedback groups to train the reward model on")
+    if settings.batch_size % backend.world_size:
+        raise ConfigError(
+            f"reward_model.batch_size={settings.batch_size} must be a multiple of the number "
+            f"of ranks ({backend.world_size})"
+        )
     model.mean.fill_(0.0)
     model.std.fill_(1.0)
     device = next(model.parameters()).device
@@ -248,8 +261,11 @@ def train_reward_model(
     model.train()
     with _progress_bar(progress_label, settings.steps) as advance:
         for step in range(settings.steps):
-            batch = collate_groups([groups[i] for i in next(batches)], tokenizer, max_length, stats)
-            rewards = model.score(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu()
+            share = backend.shard(next(batches))
+            batch = collate_groups([groups[i] for i in share], tokenizer, max_length, stats)
+            with backend.autocast():
+                ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+                rewards = model.score(ids, mask).float().cpu()
             loss = loss_fn(rewards, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -259,15 +275,19 @@ def train_reward_model(
             acc = pairwise_accuracy(
                 rewards[batch.chosen].detach(), rewards[batch.rejected].detach()
             )
-            pairs_seen += int(batch.chosen.numel())
-            sequences_seen += int(batch.input_ids.shape[0])
-            recent_loss = [*recent_loss[-9:], loss.item()]
+            loss_value = loss.item()
+            if backend.distributed:
+                means = backend.all_reduce_mean({"loss": loss_value, "accuracy": acc})
+                loss_value, acc = means["loss"], means["accuracy"]
+            pairs_seen += int(batch.chosen.numel()) * backend.world_size
+            sequences_seen += int(batch.input_ids.shape[0]) * backend.world_size
+            recent_loss = [*recent_loss[-9:], loss_value]
             recent_acc = [*recent_acc[-9:], acc] if not math.isnan(acc) else recent_acc
             if log is not None and (step % settings.log_every == 0 or step == settings.steps - 1):
-                metrics = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+                metrics = {"loss": loss_value, "grad_norm": float(grad_norm)}
                 metrics |= {"accuracy": acc, "lr": scheduler.get_last_lr()[0]}
                 log(metrics, step)
-            advance(f"loss {loss.item():.3f}")
+            advance(f"loss {loss_value:.3f}")
     model.eval()
     seconds = time.perf_counter() - start
     return {
@@ -375,6 +395,8 @@ def _train_member(
     model = ScalarHeadModel.from_pretrained(
         backbone, trust_remote_code=bool(ctx.cfg.model.trust_remote_code), device=ctx.device
     )
+    # Placed and (under FSDP) sharded before the optimizer sees the parameters.
+    model = ctx.backend.prepare_model(model)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -388,7 +410,14 @@ def _train_member(
         ctx.tracker.log({prefix + k: v for k, v in metrics.items()}, step=step, stage=STAGE)
 
     metrics = train_reward_model(
-        model, tokenizer, train, loss_fn, settings, log=log, progress_label=f"reward model{suffix}"
+        model,
+        tokenizer,
+        train,
+        loss_fn,
+        settings,
+        log=log,
+        progress_label=f"reward model{suffix}",
+        backend=ctx.backend,
     )
     scorer = RewardScorer(
         model, tokenizer, batch_size=int(rcfg.score_batch_size), max_length=int(rcfg.max_length)
@@ -398,14 +427,21 @@ def _train_member(
 
 def _save(ctx: RunContext, members: list[RewardScorer]) -> Path:
     out = ctx.run_dir / "reward_model"
-    if not ctx.is_main_process:
-        return out
+    # Under FSDP the shards are gathered (a collective) into plain models on rank 0.
+    plain = [ctx.backend.unwrap(m.model) for m in members]
+    if ctx.is_main_process:
+        _write_members(out, [p for p in plain if p is not None], members)
+    ctx.backend.barrier()
+    return out
+
+
+def _write_members(out: Path, models: list[Any], members: list[RewardScorer]) -> Path:
     if len(members) == 1:
-        return members[0].model.save_pretrained(out, members[0].tokenizer)
+        return models[0].save_pretrained(out, members[0].tokenizer)
 
     def fill(tmp: Path) -> None:
-        for i, member in enumerate(members):
-            member.model.save_pretrained(tmp / f"member_{i}", member.tokenizer)
+        for i, (model, member) in enumerate(zip(models, members, strict=True)):
+            model.save_pretrained(tmp / f"member_{i}", member.tokenizer)
 
     return atomic_write_dir(out, fill)
 
@@ -417,6 +453,8 @@ def run_reward_model(
 ) -> dict[str, float]:
     """Train (an ensemble of) reward model(s) on feedback; save ``<run_dir>/reward_model``."""
     rcfg = ctx.cfg.reward_model
+    # Under several ranks the feedback may just have been written by rank 0 (pipeline).
+    ctx.backend.barrier()
     loss_name, loss_fn = select_loss(ctx)
     paths = resolve_data(ctx, data)
     backbone_path = resolve_backbone(ctx, backbone)

@@ -10,6 +10,7 @@ import torch
 
 from alignkit.context import RunContext
 from alignkit.engine import Engine
+from alignkit.errors import ConfigError
 from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
@@ -25,19 +26,29 @@ def make_reference(policy: torch.nn.Module) -> torch.nn.Module:
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A reference policy: an eval-mode copy with gradients off."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
+    return freeze(copy.deepcopy(model))
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with gradients off (in place)."""
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return ref
+    return model
 
 
 def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
     """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler."""
-    rl = ctx.cfg.rl
+    rl, backend = ctx.cfg.rl, ctx.backend
+    lora = ctx.cfg.model.lora
+    if int(lora.r) > 0 and backend.sharded:
+        raise ConfigError(
+            f"model.lora.r={lora.r} with backend={backend.name}: LoRA adapters are not sharded; "
+            "use backend=single_gpu (LoRA already keeps the trained state small)"
+        )
     policy, tokenizer = load_model(ctx, policy_path)
     # Dropout stays off (load_causal_lm disables it): log-probs must be deterministic.
     policy.train()
-    lora = ctx.cfg.model.lora
     if int(lora.r) > 0:
         policy = apply_lora(
             policy,
@@ -46,7 +57,20 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
             dropout=float(lora.dropout),
             target_modules=list(lora.target_modules),
         )
-    ref = make_reference(policy) if float(rl.kl_coef) > 0 else None
+    use_ref = float(rl.kl_coef) > 0
+    if backend.sharded:
+        # Shard the policy first, then load the reference afresh and shard it: at most one
+        # full unsharded copy exists at a time (a deep copy would need two).
+        policy = backend.prepare_model(policy)
+        ref = None
+        if use_ref:
+            ref = backend.prepare_model(freeze(load_model(ctx, policy_path)[0]), trainable=False)
+    else:
+        ref = make_reference(policy) if use_ref else None
+        if ref is not None and not is_lora_model(policy):
+            ref = backend.prepare_model(ref, trainable=False)
+        policy = backend.prepare_model(policy)
+    # The optimizer is built last: FSDP replaces the parameters with sharded ones.
     o = rl.optim
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -73,8 +97,6 @@ def run_rl(
     """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context."""
     path = policy_path or ctx.cfg.model.path
     if not path:
-        from alignkit.errors import ConfigError
-
         raise ConfigError(
             "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
         )
@@ -85,7 +107,12 @@ def run_rl(
     if is_lora_model(policy):
         # Export a plain HF folder: adapters merged into a copy, the training model untouched.
         policy = copy.deepcopy(policy).merge_and_unload()
-    out = save_policy(rl_ctx, policy, rl_ctx.tokenizer, rl_ctx.run_dir / "policy")
+    # Under FSDP the shards are gathered into a plain model on rank 0 (None elsewhere).
+    plain = rl_ctx.backend.unwrap(policy)
+    out = rl_ctx.run_dir / "policy"
+    if plain is not None:
+        save_policy(rl_ctx, plain, rl_ctx.tokenizer, out)
+    rl_ctx.backend.barrier()
     console.print(f"RL policy saved to {out}")
     summary = {f"rl_final/{k}": v for k, v in last.items() if not k.startswith("time/")}
     rl_ctx.plugins.call("run_end", ctx=rl_ctx, summary=summary)

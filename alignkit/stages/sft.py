@@ -19,6 +19,7 @@ from rich.progress import Progress
 from alignkit.context import RunContext
 from alignkit.data import read_sft_pairs
 from alignkit.engine import _progress
+from alignkit.errors import ConfigError
 from alignkit.evaluation import gold_scores, sample_policy
 from alignkit.stages.common import base_model_path, linear_warmup_decay, load_model
 from alignkit.tracking import console
@@ -61,13 +62,47 @@ def collate(
 
 
 def sft_loss(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    num_tokens: float | None = None,
 ) -> torch.Tensor:
-    """Token-mean NLL of the labelled tokens: logits at t predict token t+1."""
+    """Token-mean NLL of the labelled tokens: logits at t predict token t+1.
+
+    ``num_tokens`` replaces this batch's labelled-token count as the normaliser: under
+    data parallelism it is the global count, so that the ranks' losses add up to the global
+    token mean.
+    """
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    if num_tokens is None:
+        return torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = torch.nn.functional.cross_entropy(
+        flat_logits, flat_labels, ignore_index=-100, reduction="sum"
     )
+    return total / max(num_tokens, 1.0)
+
+
+def distributed_sft_loss(
+    ctx: RunContext,
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """(loss to back-propagate, global token-mean loss) of this rank's share of a batch.
+
+    FSDP averages gradients over W ranks, so each rank's loss is its summed NLL divided by
+    the global token count N and multiplied by W: the averaged gradient is that of the
+    global token mean ``sum_ranks NLL_r / N``, exactly as in one process.
+    """
+    backend = ctx.backend
+    local = (labels[:, 1:] != -100).sum().to(torch.float64)
+    num_tokens = float(backend.all_reduce(local.to(backend.device), "sum").item())
+    loss = sft_loss(model, ids, mask, labels, num_tokens=num_tokens)
+    value = backend.all_reduce(loss.detach().clone(), "sum").item()
+    return loss * backend.world_size, value
 
 
 def gold_eval(ctx: RunContext, model: torch.nn.Module, tokenizer: Any) -> tuple[float, list[str]]:
@@ -93,10 +128,18 @@ def gold_eval(ctx: RunContext, model: torch.nn.Module, tokenizer: Any) -> tuple[
 def run_sft(ctx: RunContext) -> dict[str, float]:
     """Train, evaluate before/after with the gold oracle, save ``<run_dir>/sft``."""
     cfg = ctx.cfg.sft
+    backend = ctx.backend
     model, tokenizer = load_model(ctx, base_model_path(ctx))
     pairs = demonstration_pairs(ctx)
     data = encode_pairs(tokenizer, pairs, max_length=int(ctx.cfg.model.tiny.n_positions))
     gold_before, _ = gold_eval(ctx, model, tokenizer)
+    if backend.distributed and int(cfg.batch_size) % backend.world_size:
+        raise ConfigError(
+            f"sft.batch_size={cfg.batch_size} must be a multiple of the number of ranks "
+            f"({backend.world_size})"
+        )
+    # Placed and (under FSDP) sharded before the optimizer sees the parameters.
+    model = backend.prepare_model(model)
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay)
@@ -115,14 +158,22 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
                 rng.shuffle(fresh)
                 order += fresh
             idx, order = order[: int(cfg.batch_size)], order[int(cfg.batch_size) :]
-            ids, mask, labels = collate([data[i] for i in idx], tokenizer.pad_token_id)
-            loss = sft_loss(model, ids.to(ctx.device), mask.to(ctx.device), labels.to(ctx.device))
+            # Every rank draws the same batch and trains on its contiguous share of it.
+            ids, mask, labels = collate(
+                [data[i] for i in backend.shard(idx)], tokenizer.pad_token_id
+            )
+            ids, mask, labels = ids.to(ctx.device), mask.to(ctx.device), labels.to(ctx.device)
+            with backend.autocast():
+                if backend.distributed:
+                    loss, loss_value = distributed_sft_loss(ctx, model, ids, mask, labels)
+                else:
+                    loss = sft_loss(model, ids, mask, labels)
+                    loss_value = loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
-            loss_value = loss.item()
             if step % int(cfg.log_every) == 0 or step == steps - 1:
                 ctx.tracker.log(
                     {
@@ -136,7 +187,12 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
             _advance(progress, bar, f"loss {loss_value:.3f}")
     model.eval()
     gold_after, _ = gold_eval(ctx, model, tokenizer)
-    out = save_policy(ctx, model, tokenizer, ctx.run_dir / "sft")
+    # Under FSDP the shards are gathered into a plain model on rank 0 (None elsewhere).
+    plain = backend.unwrap(model)
+    out = ctx.run_dir / "sft"
+    if plain is not None:
+        save_policy(ctx, plain, tokenizer, out)
+    backend.barrier()
     console.print(f"SFT policy saved to {out}")
     return {
         "sft_loss": loss_value,
