@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-dev run test test-slow lint
+.PHONY: setup setup-dev run test test-slow bench lint
 
 setup:
 	scripts/bootstrap.sh
@@ -19,6 +19,9 @@ test: setup-dev
 
 test-slow: setup-dev
 	$(PY) -m pytest -m slow -q $(ARGS)
+
+bench: setup-dev
+	$(PY) -m benchmarks $(ARGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -219,6 +219,9 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        # GPT-2's tanh GELU as one fused kernel; the default "gelu_new" computes the same
+        # formula as seven element-wise ops (17% of an RL step's CPU time in the profile).
+        activation_function="gelu_pytorch_tanh",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -312,10 +315,29 @@ def load_causal_lm(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {os.fspath(name_or_path)!r}: {exc}") from exc
     _prepare_tokenizer(model, tokenizer)
+    fuse_tanh_gelu(model)
     model.to(device)
     disable_dropout(model)
     model.eval()
     return model, tokenizer
+
+
+def fuse_tanh_gelu(model: nn.Module) -> int:
+    """Swap ``gelu_new`` activations for the fused kernel of the same formula, in place.
+
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` is what both compute (outputs agree to
+    about 1e-6); ``torch.nn.functional.gelu(x, approximate="tanh")`` does it in one kernel
+    instead of seven, forward and backward. Returns the number of modules swapped.
+    """
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    return swapped
 
 
 # --------------------------------------------------------------------------------------------

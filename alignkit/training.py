@@ -40,6 +40,7 @@ __all__ = [
     "LossFn",
     "OptimTarget",
     "PolicyLossSpec",
+    "length_sorted",
     "minibatches",
     "policy_gradient_update",
     "policy_logprobs",
@@ -49,6 +50,7 @@ __all__ = [
     "rl_step_metrics",
     "run_minibatch_updates",
     "run_update",
+    "used_columns",
 ]
 
 
@@ -155,6 +157,7 @@ def run_minibatch_updates(
     grad_accum_steps: int,
     max_len: int,
     seed: int = 0,
+    lengths: Tensor | None = None,
 ) -> dict[str, float]:
     """Epochs x minibatches x gradient accumulation; returns metrics averaged over steps.
 
@@ -167,6 +170,10 @@ def run_minibatch_updates(
         grad_accum_steps: micro-batches per optimizer step.
         max_len: L of the ``seq_mean_token_sum_norm`` aggregation.
         seed: seeds the minibatch shuffling.
+        lengths: (B,) real tokens per row. Given, the rows of each minibatch are ordered by
+            length before it is split into micro-batches, so rows of similar length share a
+            forward and less padding is computed (see :func:`policy_logprobs`). Only the
+            order of summation of one optimizer step's gradient changes, not its value.
 
     Returns:
         Each metric of ``loss_fn`` (summed over a minibatch's micro-batches) plus
@@ -191,7 +198,7 @@ def run_minibatch_updates(
                 for optimizer in target.optimizers:
                     optimizer.zero_grad(set_to_none=True)
             step_metrics: dict[str, float] = defaultdict(float)
-            for micro in rows.split(minibatch_size):
+            for micro in length_sorted(rows, lengths, minibatch_size).split(minibatch_size):
                 loss, metrics = loss_fn(micro, counts)
                 loss.backward()
                 step_metrics["loss/total"] += loss.item()
@@ -206,6 +213,17 @@ def run_minibatch_updates(
                 totals[key] += value
             steps += 1
     return {key: value / max(steps, 1) for key, value in totals.items()}
+
+
+def length_sorted(rows: Tensor, lengths: Tensor | None, minibatch_size: int) -> Tensor:
+    """``rows`` ordered by ``lengths[rows]`` (longest first) when it spans several micro-batches.
+
+    A stable sort, so equal lengths keep the shuffled order; one micro-batch is left as is.
+    """
+    if lengths is None or len(rows) <= minibatch_size:
+        return rows
+    order = torch.sort(lengths[rows], descending=True, stable=True).indices
+    return rows[order]
 
 
 def policy_target(ctx: RunContext) -> OptimTarget:
@@ -247,6 +265,7 @@ def run_update(
         max_len=int(rl.get("max_new_tokens", batch.response_mask.shape[1])),
         # A different shuffle every step, reproducible and resumable without saved state.
         seed=int(ctx.cfg.get("seed", 0)) * 1_000_003 + int(ctx.step),
+        lengths=batch.prompt_mask.sum(1) + batch.response_mask.sum(1),
     )
     if ctx.optimizer is not None:
         metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])  # the rate this step used
@@ -255,23 +274,57 @@ def run_update(
     return metrics
 
 
-def policy_logprobs(ctx: RunContext, batch: Rollout, rows: Tensor) -> tuple[Tensor, Tensor]:
+def used_columns(prompt_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """``(first, end)``: the prompt columns from ``first`` and response columns before ``end``
+    that any row of this micro-batch uses.
+
+    Prompts are left-padded and responses right-padded to the whole batch's longest, so a
+    micro-batch of shorter rows has leading prompt columns and trailing response columns that
+    are padding in every row. Keeps at least one column of each.
+    """
+    p = prompt_mask.shape[1]
+    used_p = (prompt_mask != 0).any(0).nonzero()
+    used_r = (response_mask != 0).any(0).nonzero()
+    first = int(used_p[0]) if len(used_p) else p - 1
+    end = int(used_r[-1]) + 1 if len(used_r) else 1
+    return min(first, p - 1), max(end, 1)
+
+
+def policy_logprobs(
+    ctx: RunContext, batch: Rollout, rows: Tensor, trim_padding: bool = True
+) -> tuple[Tensor, Tensor]:
     """(b, R) log-probs (with grad) and entropies of ``batch[rows]`` under the current policy.
 
     Uses ``rl.temperature`` like the rollout, so ratios are exactly 1 before any update.
+
+    With ``trim_padding`` the forward skips the columns that are padding in every row of the
+    micro-batch (:func:`used_columns`) and the outputs are zero-padded back to R: positions
+    come from the mask and padded keys are masked out, so dropping a leading all-padding
+    column changes nothing, and no earlier token attends to a trailing one. Results agree
+    with the untrimmed forward to float rounding.
     """
     assert ctx.policy is not None
     seq, seq_mask = batch.sequences()
+    seq, seq_mask = seq[rows], seq_mask[rows]
+    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    first, end = 0, resp_len
+    if trim_padding:
+        first, end = used_columns(batch.prompt_mask[rows], batch.response_mask[rows])
+        seq, seq_mask = seq[:, first : prompt_len + end], seq_mask[:, first : prompt_len + end]
     out = sequence_logprobs(
         ctx.policy,
-        seq[rows],
-        seq_mask[rows],
-        batch.prompt_ids.shape[1],
+        seq,
+        seq_mask,
+        prompt_len - first,
         temperature=float(ctx.cfg.rl.temperature),
         return_entropy=True,
     )
     assert isinstance(out, tuple)
-    return out
+    if end == resp_len:
+        return out
+    logp, entropy = out
+    pad = (0, resp_len - end)
+    return torch.nn.functional.pad(logp, pad), torch.nn.functional.pad(entropy, pad)
 
 
 def policy_loss(

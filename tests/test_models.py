@@ -432,3 +432,18 @@ def test_scalar_head_save_load_round_trip(tmp_path: Path, model_dir: Path) -> No
         )
     assert (loaded.mean.item(), loaded.std.item()) == (0.5, 2.0)
     assert AutoTokenizer.from_pretrained(out).pad_token == SPECIAL_TOKENS["pad_token"]
+
+
+def test_fuse_tanh_gelu_keeps_the_outputs(model_dir: Path) -> None:
+    """A gelu_new model gives the same logits once its activations are swapped for fused ones."""
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.activation_function == "gelu_pytorch_tanh"  # what build_tiny_model writes
+    config.activation_function = "gelu_new"
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert models.fuse_tanh_gelu(model) == config.n_layer
+        after = model(input_ids=ids).logits
+    assert models.fuse_tanh_gelu(model) == 0
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)

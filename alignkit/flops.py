@@ -1,0 +1,102 @@
+"""Analytic floating-point operation counts of a GPT-2 style decoder.
+
+Used by the benchmarks to turn measured seconds into achieved GFLOP/s. A multiply-add counts
+as 2 FLOPs. For a decoder with ``L`` layers, width ``d``, MLP width ``f`` (4d in GPT-2) and
+vocabulary ``V``, one forward pass over a row of ``T`` tokens costs (Kaplan et al. 2020,
+Table 1, with the attention term written out)::
+
+    linear     2 * N * T              N = L * (4 d^2 + 2 d f): QKV, output projection, MLP
+    attention  L * 4 * T * C * d      scores Q K^T and the weighted sum A V over C context keys
+    lm head    2 * d * V * K          only for the K positions whose logits are computed
+
+Attention is counted over the full ``T x T`` score matrix the kernels compute for a padded,
+masked batch (not the causal half), since that is the work done. A backward pass costs twice
+its forward (gradients with respect to inputs and to weights), so a training step over the
+same tokens costs three forwards. Layer norms, activations, softmax and the optimizer are
+element-wise and are not counted: they are the gap between the FLOP rate and the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DecoderShape", "decode_flops", "forward_flops", "train_flops"]
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Layers, width, MLP width and vocabulary of a decoder-only transformer."""
+
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    n_inner: int = 0
+    """MLP width; 0 means ``4 * n_embd`` (GPT-2's default)."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> DecoderShape:
+        """From a ``transformers`` GPT-2 style config (``n_layer``, ``n_embd``, ``n_inner``)."""
+        return cls(
+            n_layer=int(config.n_layer),
+            n_embd=int(config.n_embd),
+            vocab_size=int(config.vocab_size),
+            n_inner=int(getattr(config, "n_inner", None) or 0),
+        )
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def matmul_params(self) -> int:
+        """N: weights of the per-token matrix multiplies, embeddings and LM head excluded."""
+        d = self.n_embd
+        return self.n_layer * (4 * d * d + 2 * d * self.mlp_width)
+
+
+def forward_flops(
+    shape: DecoderShape,
+    rows: int,
+    seq_len: int,
+    logit_positions: int,
+    context: int | None = None,
+) -> float:
+    """FLOPs of one forward pass over ``rows`` sequences of ``seq_len`` new tokens.
+
+    Args:
+        shape: the decoder.
+        rows: B, sequences in the batch.
+        seq_len: T, tokens per row processed in this call.
+        logit_positions: K, positions per row that go through the LM head (0 for a value or
+            reward model's scalar head, whose ``2 d`` per token is negligible and omitted).
+        context: C, keys each query attends over (the KV-cache length while decoding);
+            ``None`` means ``seq_len``.
+
+    Returns:
+        ``B * (2 N T + 4 L T C d + 2 d V K)``.
+    """
+    keys = seq_len if context is None else context
+    d = shape.n_embd
+    linear = 2 * shape.matmul_params * seq_len
+    attention = 4 * shape.n_layer * seq_len * keys * d
+    head = 2 * d * shape.vocab_size * logit_positions
+    return float(rows * (linear + attention + head))
+
+
+def train_flops(shape: DecoderShape, rows: int, seq_len: int, logit_positions: int) -> float:
+    """Forward plus backward (twice the forward) of one training pass: 3 forwards."""
+    return 3.0 * forward_flops(shape, rows, seq_len, logit_positions)
+
+
+def decode_flops(shape: DecoderShape, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """Sampling ``new_tokens`` after a ``prompt_len`` prompt with a KV cache.
+
+    The prefill is one forward over the prompt with logits at its last position; each later
+    token is a one-position forward attending over the cache (prompt plus tokens so far).
+    Step ``t`` (1-based) of the ``new_tokens - 1`` cached steps attends over ``P + t`` keys.
+    """
+    total = forward_flops(shape, rows, prompt_len, logit_positions=1)
+    for step in range(1, new_tokens):
+        total += forward_flops(shape, rows, 1, logit_positions=1, context=prompt_len + step)
+    return total

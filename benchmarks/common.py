@@ -1,0 +1,120 @@
+"""Helpers every benchmark shares: arguments, peak memory, timers and the matmul ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.flops import DecoderShape
+
+WORKLOADS = ("generation", "grpo", "ppo", "reward_model")
+"""Every workload the entry point knows, in the order it runs them."""
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Model size, batch, lengths, threads, steps: the options every workload reads."""
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary (upper bound)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per RL step")
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=32, help="max new tokens per response")
+    p.add_argument("--micro", type=int, default=16, help="rows per forward/backward in updates")
+    p.add_argument("--pairs", type=int, default=16, help="preference pairs per RM step")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per run")
+    p.add_argument(
+        "--rm-steps", type=int, default=10, help="measured reward-model steps (cheaper steps)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class ForwardTimer:
+    """Accumulates wall time spent in a module's forward (hooks on the outermost call)."""
+
+    def __init__(self, module: torch.nn.Module | None) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        if module is not None:
+            module.register_forward_pre_hook(self._before)
+            module.register_forward_hook(self._after)
+
+    def _before(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _after(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+    """One ``(rows x inner) @ (inner x out)`` product of the model, as a FLOP share."""
+
+    name: str
+    inner: int
+    out: int
+    per_layer: bool
+
+
+def model_matmuls(shape: DecoderShape) -> list[MatmulShape]:
+    """The per-token matrix multiplies of a GPT-2 block and the LM head."""
+    d, f = shape.n_embd, shape.mlp_width
+    return [
+        MatmulShape("qkv", d, 3 * d, True),
+        MatmulShape("attn_out", d, d, True),
+        MatmulShape("mlp_up", d, f, True),
+        MatmulShape("mlp_down", f, d, True),
+        MatmulShape("lm_head", d, shape.vocab_size, False),
+    ]
+
+
+def matmul_ceiling(shape: DecoderShape, rows: int, min_seconds: float = 0.3) -> dict[str, Any]:
+    """Measured fp32 GFLOP/s of the model's own matmul shapes at ``rows`` tokens.
+
+    Each shape is timed alone (repeated for at least ``min_seconds``); the ceiling is the
+    FLOP-weighted harmonic mean over one forward's matmuls (total FLOPs / total time), i.e.
+    the rate a forward pass would reach if it did nothing but its matrix multiplies.
+    """
+    per_shape: dict[str, float] = {}
+    total_flops = total_seconds = 0.0
+    for mm in model_matmuls(shape):
+        a, b = torch.randn(rows, mm.inner), torch.randn(mm.inner, mm.out)
+        torch.matmul(a, b)  # warm-up: allocator and kernel selection
+        flops = 2.0 * rows * mm.inner * mm.out
+        count, start = 0, time.perf_counter()
+        while True:
+            torch.matmul(a, b)
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds and count >= 3:
+                break
+        rate = flops * count / elapsed
+        per_shape[f"{mm.name} [{rows}x{mm.inner}]@[{mm.inner}x{mm.out}]"] = rate / 1e9
+        weight = shape.n_layer if mm.per_layer else 1
+        total_flops += weight * flops
+        total_seconds += weight * flops / rate
+    return {"gflops": total_flops / total_seconds / 1e9, "rows": rows, "per_shape": per_shape}
+
+
+def write_json(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (parents created)."""
+    from alignkit.io import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)

@@ -1,0 +1,437 @@
+"""The benchmark suite: ``python -m benchmarks`` prints a table and writes JSON (and PNG).
+
+For each workload (generation, a GRPO step, a PPO step, a reward-model step) it measures,
+each run in a fresh process so peak memory is the workload's own::
+
+    seconds per step by phase   generation, reward, ref / old / value forwards, update
+    throughput                  samples/s (completions or preference pairs), tokens/s
+    peak RSS                    resident memory of the process, MiB
+    GFLOP/s                     analytic FLOPs (alignkit.flops) over measured seconds, for
+                                the update phase and the whole step
+    utilisation                 GFLOP/s over this machine's fp32 matmul rate at the model's
+                                own shapes, measured in the same run
+
+With TRL installed (``pip install -e .[bench]``) every workload TRL has also runs through TRL
+on the same model folder, prompts, batch and lengths, alternating with alignkit's run, and
+the table gives the throughput ratio alignkit / TRL. ``--scaling`` (on by default) adds GRPO
+step time against batch size, response length and model size, plotted to ``scaling.png``.
+
+    python -m benchmarks                       # the reference workload, 2 threads
+    python -m benchmarks --threads 1 --workloads grpo,ppo --no-scaling
+    python -m benchmarks --quick               # a tiny model, seconds: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.flops import DecoderShape
+from benchmarks.common import WORKLOADS, add_common_args, matmul_ceiling, peak_rss_mib, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+QUICK = {
+    "layers": 2,
+    "heads": 2,
+    "width": 64,
+    "vocab": 512,
+    "prompts": 2,
+    "samples": 2,
+    "new_tokens": 4,
+    "micro": 2,
+    "pairs": 4,
+    "steps": 1,
+    "rm_steps": 1,
+    "warmup": 0,
+    "rounds": 1,
+}
+"""Overrides of ``--quick``: every code path at a size that runs in seconds."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_args(p)
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join(WORKLOADS)}",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="alternating alignkit/TRL rounds")
+    p.add_argument("--trl", dest="trl", action="store_true", default=None, help="require TRL")
+    p.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL")
+    p.add_argument("--scaling", dest="scaling", action="store_true", default=True)
+    p.add_argument("--no-scaling", dest="scaling", action="store_false")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument(
+        "--patch",
+        default="",
+        help="also run alignkit with these candidate changes (benchmarks/patches.py), "
+        "e.g. fused_gelu",
+    )
+    p.add_argument(
+        "--inline", action="store_true", help="run workloads in this process (shared peak RSS)"
+    )
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmarks"), help="output folder")
+    # Internal: one workload in a child process.
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.patch_list = [w.strip() for w in args.patch.split(",") if w.strip()]
+    unknown = sorted(set(args.workload_list) - set(WORKLOADS))
+    if unknown:
+        p.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    return args
+
+
+def child_argv(args: argparse.Namespace, **changes: Any) -> list[str]:
+    """The common options of ``args`` (with ``changes``) as command-line flags."""
+    values = {**vars(args), **changes}
+    keys = ("threads", "layers", "heads", "width", "vocab", "prompts", "samples", "new_tokens")
+    keys += ("micro", "pairs", "steps", "rm_steps", "warmup", "seed")
+    return [f"--{k.replace('_', '-')}={values[k]}" for k in keys]
+
+
+# --------------------------------------------------------------------------------------------
+# one workload (child process or inline)
+# --------------------------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs in the measured processes."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def run_worker(args: argparse.Namespace, side: str, workload: str, model_dir: Path) -> dict:
+    """Run one side's workload here; adds peak RSS and the library baseline."""
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    baseline = peak_rss_mib()
+    if side.startswith("alignkit"):
+        from benchmarks.patches import apply_patches
+        from benchmarks.workloads import run_alignkit
+
+        with apply_patches(side.split("+")[1:]):
+            result = run_alignkit(args, workload, model_dir)
+    else:
+        from benchmarks.trl_side import TRL_RUNNERS
+
+        result = TRL_RUNNERS[workload](args, model_dir)
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["import_rss_mib"] = baseline
+    return result
+
+
+def spawn(args: argparse.Namespace, side: str, workload: str, model_dir: Path, **kw: Any) -> dict:
+    """One workload in a fresh interpreter (its own peak RSS), result read back as JSON."""
+    if args.inline:
+        ns = argparse.Namespace(**{**vars(args), **kw})
+        return run_worker(ns, side, workload, model_dir)
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "benchmarks", *child_argv(args, **kw)]
+        cmd += [f"--worker={side}:{workload}", f"--model-dir={model_dir}", f"--result={result}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(kw.get("threads", args.threads))}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            raise RuntimeError(f"{side} {workload} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result.read_text())
+
+
+def build_model(args: argparse.Namespace, folder: Path, **changes: Any) -> Path:
+    """The task's tiny GPT-2 and tokenizer, saved once and shared by both sides."""
+    from alignkit.models import TinyModelSpec, build_tiny_model
+
+    values = {**vars(args), **changes}
+    spec = TinyModelSpec(
+        vocab_size=values["vocab"],
+        n_layer=values["layers"],
+        n_head=values["heads"],
+        n_embd=values["width"],
+        n_positions=128 if values["new_tokens"] <= 96 else 32 + values["new_tokens"],
+        seed=values["seed"],
+    )
+    from alignkit.tasks import AssistTask
+
+    return build_tiny_model(folder, AssistTask().corpus(), spec)
+
+
+def model_info(model_dir: Path) -> tuple[DecoderShape, int]:
+    """Shape and parameter count of a saved model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return DecoderShape.from_config(config), sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# derived figures
+# --------------------------------------------------------------------------------------------
+
+
+def derive(result: dict[str, Any], ceiling: float) -> dict[str, Any]:
+    """Throughput, GFLOP/s and utilisation of one run."""
+    sec, flops = result["seconds_per_step"], result["flops_per_step"]
+    total = sec["total"]
+    gen = sec.get("generation", 0.0)
+    out = {
+        "samples_per_s": result["samples_per_step"] / total,
+        "tokens_per_s": result["tokens_per_step"] / (gen if gen > 0 else total),
+        "gflops_step": flops["total"] / total / 1e9,
+    }
+    if sec.get("update"):
+        out["gflops_update"] = flops.get("update", 0.0) / sec["update"] / 1e9
+        out["util_update"] = out["gflops_update"] / ceiling
+    if gen > 0:
+        out["gflops_generation"] = flops.get("generation", 0.0) / gen / 1e9
+    out["util_step"] = out["gflops_step"] / ceiling
+    return out
+
+
+def mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-phase mean over rounds of seconds, FLOPs and the other numbers."""
+    out: dict[str, Any] = {}
+    for key in ("seconds_per_step", "flops_per_step"):
+        phases = runs[0][key].keys()
+        out[key] = {k: statistics.fmean(r[key].get(k, 0.0) for r in runs) for k in phases}
+    for key in ("samples_per_step", "tokens_per_step", "peak_rss_mib", "import_rss_mib"):
+        out[key] = statistics.fmean(float(r.get(key, 0.0)) for r in runs)
+    out["rounds"] = runs
+    return out
+
+
+def measure_workloads(
+    args: argparse.Namespace, model_dir: Path, use_trl: bool, log: Any
+) -> dict[str, Any]:
+    """Every workload, alternating alignkit and TRL, ``--rounds`` times."""
+    from benchmarks.trl_side import TRL_RUNNERS
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for workload in args.workload_list:
+            sides = ["alignkit"] + (
+                ["alignkit+" + "+".join(args.patch_list)] if args.patch_list else []
+            )
+            sides += ["trl"] if use_trl and workload in TRL_RUNNERS else []
+            if r % 2:
+                sides.reverse()  # alternate who goes first, so drift hits both sides
+            for side in sides:
+                start = time.perf_counter()
+                result = spawn(args, side, workload, model_dir)
+                runs.setdefault((workload, side), []).append(result)
+                # Kept up to date, so an interrupted run still leaves what it measured.
+                partial = {f"{w}/{s}": v for (w, s), v in runs.items()}
+                write_json(args.out / "partial.json", json.dumps(partial, indent=2) + "\n")
+                log(
+                    f"round {r + 1}/{args.rounds} {workload:>12} {side:>20}: "
+                    f"{result['seconds_per_step']['total']:.3f} s/step "
+                    f"({time.perf_counter() - start:.0f} s wall)"
+                )
+    return {f"{w}/{s}": mean_runs(v) for (w, s), v in runs.items()}
+
+
+def best_step(result: dict[str, Any]) -> float | None:
+    """The fastest measured step over all rounds, when the runs recorded each step."""
+    steps = [t for r in result["rounds"] for t in r.get("step_seconds", [])]
+    return min(steps) if steps else None
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """alignkit / TRL per workload: throughput (mean of per-round ratios) and peak memory."""
+    out = {}
+    for key, ours in results.items():
+        workload, side = key.split("/")
+        theirs = results.get(f"{workload}/trl")
+        if not side.startswith("alignkit") or theirs is None:
+            continue
+        pairs = zip(ours["rounds"], theirs["rounds"], strict=False)
+        per_round = [
+            t["seconds_per_step"]["total"] / a["seconds_per_step"]["total"] for a, t in pairs
+        ]
+        name = workload if side == "alignkit" else f"{workload} ({side})"
+        out[name] = {
+            "throughput": statistics.fmean(per_round),
+            "throughput_per_round": per_round,
+            "peak_rss": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
+            # Without the ~400 MiB that importing torch and transformers costs both sides.
+            "rss_above_imports": (ours["peak_rss_mib"] - ours["import_rss_mib"])
+            / max(theirs["peak_rss_mib"] - theirs["import_rss_mib"], 1e-9),
+        }
+        fastest = [best_step(ours), best_step(theirs)]
+        if None not in fastest:
+            # The fastest step of each side: the least disturbed by other load on the machine.
+            out[name]["throughput_best_step"] = fastest[1] / fastest[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = ("generation", "reward", "ref", "old", "value", "update", "total")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human-readable summary of a report."""
+    lines = []
+    ceil = report["matmul_ceiling"]
+    lines.append(
+        f"model: {report['model']['parameters'] / 1e6:.2f}M parameters "
+        f"({report['model']['n_layer']} layers, width {report['model']['n_embd']}, "
+        f"vocab {report['model']['vocab_size']}); threads {report['threads']}; "
+        f"torch {report['torch']}; trl {report['trl'] or 'not installed'}"
+    )
+    lines.append(
+        f"fp32 matmul ceiling at the model's shapes: {ceil['train']['gflops']:.1f} GFLOP/s "
+        f"({ceil['train']['rows']} rows, training), {ceil['decode']['gflops']:.1f} GFLOP/s "
+        f"({ceil['decode']['rows']} rows, decoding)"
+    )
+    width = max([22, *(len(k) + 2 for k in report["results"])])
+    head = f"{'workload':<{width}}" + "".join(f"{c:>11}" for c in COLUMNS)
+    head += f"{'samples/s':>11}{'tokens/s':>10}{'GFLOP/s':>9}{'upd GF/s':>9}"
+    head += f"{'util upd':>9}{'util step':>10}{'RSS MiB':>9}"
+    lines += ["", "seconds per step by phase", head, "-" * len(head)]
+    for key, res in report["results"].items():
+        sec, d = res["seconds_per_step"], res["derived"]
+        row = f"{key:<{width}}" + "".join(
+            f"{sec[c]:>11.3f}" if c in sec else f"{'-':>11}" for c in COLUMNS
+        )
+        row += f"{d['samples_per_s']:>11.1f}{d['tokens_per_s']:>10.0f}{d['gflops_step']:>9.1f}"
+        upd = d.get("gflops_update")
+        row += f"{upd:>9.1f}" if upd is not None else f"{'-':>9}"
+        util = d.get("util_update")
+        row += f"{util:>9.0%}" if util is not None else f"{'-':>9}"
+        row += f"{d['util_step']:>10.0%}{res['peak_rss_mib']:>9.0f}"
+        lines.append(row)
+    if report["ratios"]:
+        lines += ["", "alignkit / TRL (same run, alternating)"]
+        for workload, r in report["ratios"].items():
+            per = ", ".join(f"{x:.2f}" for x in r["throughput_per_round"])
+            best = r.get("throughput_best_step")
+            best_text = f"; fastest steps {best:.2f}x" if best is not None else ""
+            lines.append(
+                f"  {workload:<30} throughput {r['throughput']:.2f}x (rounds: {per}{best_text}); "
+                f"peak RSS {r['peak_rss']:.2f}x ({r['rss_above_imports']:.2f}x above imports)"
+            )
+    if report.get("trl_missing"):
+        lines.append(f"\nno TRL side for: {', '.join(report['trl_missing'])}")
+    if report.get("scaling"):
+        lines += ["", "scaling (GRPO step, alignkit): seconds per step"]
+        for axis, points in report["scaling"]["curves"].items():
+            pts = ", ".join(f"{p['x']}: {p['total']:.2f}" for p in points)
+            lines.append(f"  {axis:<14} {pts}")
+        lines.append(f"  plot: {report['scaling']['png']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        side, workload = args.worker.split(":")
+        result = run_worker(args, side, workload, args.model_dir)
+        write_json(args.result, json.dumps(result))
+        return 0
+    return run_suite(args)
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from benchmarks.scaling import run_scaling
+    from benchmarks.trl_side import TRL_RUNNERS, trl_version
+
+    started = time.perf_counter()
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    version = trl_version()
+    if args.trl and version is None:
+        raise SystemExit("--trl: TRL is not installed; pip install -e .[bench]")
+    use_trl = version is not None and args.trl is not False
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-model-") as tmp:
+        model_dir = build_model(args, Path(tmp) / "model")
+        shape, params = model_info(model_dir)
+        seconds = 0.02 if args.quick else 0.3
+        train_rows = args.micro * (32 + args.new_tokens)
+        decode_rows = args.prompts * args.samples
+        first = matmul_ceiling(shape, train_rows, seconds)
+        log(f"matmul ceiling {first['gflops']:.1f} GFLOP/s; running {args.workload_list}")
+        results = measure_workloads(args, model_dir, use_trl, log)
+        # Measured again after the workloads: the higher of the two is the ceiling (the
+        # machine is shared, a busy moment only lowers a measurement).
+        second = matmul_ceiling(shape, train_rows, seconds)
+        ceiling = {
+            "train": max(first, second, key=lambda c: c["gflops"]),
+            "decode": matmul_ceiling(shape, decode_rows, seconds),
+            "train_measurements": [first["gflops"], second["gflops"]],
+        }
+        for key, res in results.items():
+            rate = ceiling["decode" if key.startswith("generation") else "train"]["gflops"]
+            res["derived"] = derive(res, rate)
+        report: dict[str, Any] = {
+            "model": {**vars(shape), "parameters": params, "n_head": args.heads},
+            "batch": {
+                "prompts": args.prompts,
+                "samples": args.samples,
+                "new_tokens": args.new_tokens,
+                "micro_batch": args.micro,
+                "pairs": args.pairs,
+            },
+            "threads": args.threads,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "torch": torch.__version__,
+            "trl": version if use_trl else None,
+            "matmul_ceiling": ceiling,
+            "results": results,
+            "ratios": ratios(results),
+            "trl_missing": [w for w in args.workload_list if use_trl and w not in TRL_RUNNERS],
+        }
+    if args.scaling:
+        report["scaling"] = run_scaling(args, log)
+    report["wall_seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    write_json(args.out / "results.json", text + "\n")
+    table = format_table(report)
+    (args.out / "results.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nwall time {report['wall_seconds']:.0f} s; JSON: {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

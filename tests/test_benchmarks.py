@@ -1,0 +1,291 @@
+"""The benchmark suite: analytic FLOP counts, the FLOP counter's hooks, and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from alignkit.batch import Rollout
+from alignkit.flops import DecoderShape, decode_flops, forward_flops, train_flops
+from alignkit.generation import generate
+from alignkit.training import (
+    Counts,
+    OptimTarget,
+    PolicyLossSpec,
+    length_sorted,
+    policy_logprobs,
+    policy_loss,
+    run_minibatch_updates,
+    used_columns,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is a top-level folder, not an installed package
+
+from benchmarks.flop_counter import FlopCounter  # noqa: E402
+from benchmarks.patches import apply_patches, generate_static  # noqa: E402
+from benchmarks.run import format_table, main  # noqa: E402
+from benchmarks.scaling import plot  # noqa: E402
+
+SHAPE = DecoderShape(n_layer=2, n_embd=4, vocab_size=10)
+
+
+def test_matmul_params_by_hand() -> None:
+    # 2 layers x (4 d^2 attention + 2 d (4 d) MLP) = 2 x (64 + 128)
+    assert SHAPE.matmul_params == 384
+    assert DecoderShape(n_layer=1, n_embd=4, vocab_size=10, n_inner=8).matmul_params == 128
+
+
+def test_forward_flops_by_hand() -> None:
+    # per row: linear 2*384*5 = 3840, attention 4*2*5*5*4 = 800, head 2*4*10*2 = 160
+    assert forward_flops(SHAPE, rows=3, seq_len=5, logit_positions=2) == 3 * 4800
+    assert train_flops(SHAPE, rows=3, seq_len=5, logit_positions=2) == 3 * 3 * 4800
+    # one cached token attending over 7 keys: 768 + 4*2*1*7*4 + 80
+    assert forward_flops(SHAPE, 1, 1, 1, context=7) == 768 + 224 + 80
+
+
+def test_decode_flops_by_hand() -> None:
+    # prefill over 3 tokens (2304 + 288 + 80), then steps with 4 and 5 keys (976, 1008)
+    assert decode_flops(SHAPE, rows=1, prompt_len=3, new_tokens=3) == 2672 + 976 + 1008
+    assert decode_flops(SHAPE, rows=2, prompt_len=3, new_tokens=1) == 2 * 2672
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=10, n_positions=16, n_embd=4, n_layer=2, n_head=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # deterministic in train()
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_counter_matches_the_formula_on_a_real_forward() -> None:
+    model = tiny_gpt2()
+    counter = FlopCounter().attach(model, "policy")
+    ids = torch.randint(0, 10, (3, 5))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=2)
+    assert counter.total("policy", grad=False) == forward_flops(SHAPE, 3, 5, 2)
+    assert counter.total(grad=True) == 0.0
+    counter.reset()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))  # grad on: a training pass
+    assert counter.total("policy", grad=True) == train_flops(SHAPE, 3, 5, 5)
+
+
+def test_counter_sees_the_kv_cache_context() -> None:
+    model = tiny_gpt2()
+    counter = FlopCounter().attach(model, "policy")
+    ids = torch.randint(0, 10, (1, 3))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones(1, 3), logits_to_keep=1)
+        model(
+            input_ids=ids[:, :1],
+            attention_mask=torch.ones(1, 4),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    assert counter.total() == decode_flops(SHAPE, rows=1, prompt_len=3, new_tokens=2)
+    counter.detach()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert counter.total() == decode_flops(SHAPE, rows=1, prompt_len=3, new_tokens=2)
+
+
+def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    code = main(["--quick", "--inline", "--no-trl", "--no-scaling", "--threads=1", f"--out={out}"])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == {
+        "generation/alignkit",
+        "grpo/alignkit",
+        "ppo/alignkit",
+        "reward_model/alignkit",
+    }
+    for key, res in report["results"].items():
+        sec = res["seconds_per_step"]
+        assert sec["total"] > 0, key
+        parts = sum(v for k, v in sec.items() if k != "total")
+        assert parts == pytest.approx(sec["total"]), key
+        assert res["flops_per_step"]["total"] > 0, key
+        assert res["peak_rss_mib"] > 0
+        assert res["derived"]["samples_per_s"] > 0
+        assert res["derived"]["util_step"] > 0
+    grpo = report["results"]["grpo/alignkit"]
+    # 2 prompts x 2 samples, the reference model's forward and one update per step
+    assert grpo["samples_per_step"] == 4
+    assert grpo["seconds_per_step"]["ref"] > 0 and grpo["flops_per_step"]["ref"] > 0
+    assert grpo["seconds_per_step"]["old"] == 0  # the rollout's log-probs are reused
+    ppo = report["results"]["ppo/alignkit"]
+    assert ppo["flops_per_step"]["value"] > 0  # the critic's rollout forward
+    assert report["matmul_ceiling"]["train"]["gflops"] > 0
+    table = (out / "results.txt").read_text()
+    assert "grpo/alignkit" in table and "matmul ceiling" in table
+    assert table.strip() == format_table(report).strip()
+
+
+def test_bad_workload_is_named() -> None:
+    with pytest.raises(SystemExit):
+        main(["--workloads=grpo,dpo_typo", "--no-scaling"])
+
+
+def test_scaling_plot_is_a_png(tmp_path: Path) -> None:
+    point = {"total": 1.0, "generation": 0.4, "update": 0.5, "ref": 0.1, "flops": 1e9}
+    curves = {
+        axis: [{**point, "x": x}, {**point, "x": 2 * x, "total": 2.0}]
+        for axis, x in (("prompts", 4), ("new_tokens", 8), ("width", 256))
+    }
+    png = tmp_path / "scaling.png"
+    plot(curves, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_trl_side_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="TRL is the optional 'bench' extra")
+    out = tmp_path / "bench"
+    args = ["--quick", "--inline", "--trl", "--no-scaling", "--threads=1", f"--out={out}"]
+    assert main([*args, "--workloads=grpo,reward_model"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["ratios"]) == {"grpo", "reward_model"}
+    trl = report["results"]["grpo/trl"]
+    assert trl["seconds_per_step"]["generation"] > 0 and trl["flops_per_step"]["update"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# speed changes keep results: padding trimmed per micro-batch, micro-batches sorted by length
+# --------------------------------------------------------------------------------------------
+
+
+def varied_batch() -> Rollout:
+    """6 rows with prompts of 2..5 tokens (left-padded to 5) and responses of 1..4 (to 6)."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_lens, resp_lens = [5, 2, 3, 2, 4, 3], [4, 1, 2, 3, 1, 2]
+    prompt_mask = torch.tensor([[0] * (5 - n) + [1] * n for n in prompt_lens])
+    response_mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in resp_lens])
+    prompt_ids = torch.randint(1, 10, (6, 5), generator=gen) * prompt_mask
+    response_ids = torch.randint(1, 10, (6, 6), generator=gen) * response_mask.long()
+    batch = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.arange(6) // 2)
+    batch.logprobs = -torch.rand(6, 6, generator=gen) * response_mask
+    batch.ref_logprobs = -torch.rand(6, 6, generator=gen) * response_mask
+    batch.advantages = torch.randn(6, 1, generator=gen) * response_mask
+    return batch
+
+
+def fake_ctx(model: torch.nn.Module) -> SimpleNamespace:
+    cfg = OmegaConf.create({"rl": {"temperature": 0.7}})
+    return SimpleNamespace(policy=model, cfg=cfg)
+
+
+def test_used_columns_by_hand() -> None:
+    batch = varied_batch()
+    # rows 1 and 3: prompts of 2 tokens (columns 3..4), responses of 1 and 3 tokens
+    assert used_columns(batch.prompt_mask[[1, 3]], batch.response_mask[[1, 3]]) == (3, 3)
+    assert used_columns(batch.prompt_mask, batch.response_mask) == (0, 4)
+    empty = torch.zeros(2, 6)
+    assert used_columns(batch.prompt_mask[[1, 3]], empty) == (3, 1)  # one column kept
+
+
+def test_trimmed_logprobs_equal_the_full_forward() -> None:
+    model = tiny_gpt2()
+    ctx = fake_ctx(model)
+    batch = varied_batch()
+    for rows in (torch.tensor([1, 3]), torch.tensor([0, 2, 5]), torch.arange(6)):
+        full = policy_logprobs(ctx, batch, rows, trim_padding=False)
+        fast = policy_logprobs(ctx, batch, rows)
+        assert fast[0].shape == (len(rows), 6)
+        torch.testing.assert_close(fast[0], full[0], atol=1e-5, rtol=1e-5)
+        mask = batch.response_mask[rows] != 0
+        torch.testing.assert_close(fast[1][mask], full[1][mask], atol=1e-5, rtol=1e-5)
+        assert bool((fast[0][~mask] == 0).all())
+
+
+def test_length_sorted_only_reorders_within_a_step() -> None:
+    lengths = torch.tensor([3, 9, 5, 9, 1, 7])
+    rows = torch.tensor([4, 0, 3, 1, 5, 2])
+    assert length_sorted(rows, lengths, 2).tolist() == [3, 1, 5, 2, 0, 4]
+    assert length_sorted(rows, lengths, 6).tolist() == rows.tolist()  # one micro-batch
+    assert length_sorted(rows, None, 2).tolist() == rows.tolist()
+
+
+def one_update(trim: bool, sort: bool) -> tuple[dict[str, float], list[torch.Tensor]]:
+    model = tiny_gpt2().train()
+    ctx = fake_ctx(model)
+    batch = varied_batch()
+    spec = PolicyLossSpec(kl_coef=0.05, kl_estimator="k3", loss_agg="token_mean")
+    target = OptimTarget("policy", list(model.parameters()), [], max_grad_norm=1e9)
+
+    def loss_fn(rows: torch.Tensor, counts: Counts) -> tuple[torch.Tensor, dict]:
+        logp, entropy = policy_logprobs(ctx, batch, rows, trim_padding=trim)
+        return policy_loss(batch, rows, counts, logp, entropy, spec)
+
+    lengths = batch.prompt_mask.sum(1) + batch.response_mask.sum(1)
+    metrics = run_minibatch_updates(
+        loss_fn,
+        batch.response_mask,
+        [target],
+        epochs=1,
+        minibatch_size=2,
+        grad_accum_steps=3,
+        max_len=6,
+        lengths=lengths if sort else None,
+    )
+    return metrics, [p.grad.clone() for p in model.parameters()]
+
+
+def test_update_is_unchanged_by_trimming_and_sorting() -> None:
+    base_metrics, base_grads = one_update(trim=False, sort=False)
+    metrics, grads = one_update(trim=True, sort=True)
+    assert metrics.keys() == base_metrics.keys()
+    for key, value in base_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for fast, full in zip(grads, base_grads, strict=True):
+        torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in grads)  # the comparison is not vacuous
+
+
+# --------------------------------------------------------------------------------------------
+# candidate patches measured by the benchmarks compute the same thing
+# --------------------------------------------------------------------------------------------
+
+
+def test_fused_gelu_patch_matches_and_is_undone() -> None:
+    from transformers.activations import NewGELUActivation
+
+    x = torch.linspace(-6, 6, 1001)
+    before = NewGELUActivation()(x)
+    with apply_patches(["fused_gelu"]):
+        fused = NewGELUActivation()(x)
+    torch.testing.assert_close(fused, before, atol=1e-6, rtol=0)
+    assert torch.equal(NewGELUActivation()(x), before)
+    with pytest.raises(SystemExit, match="unknown"), apply_patches(["typo"]):
+        pass
+
+
+def test_static_cache_samples_the_same_tokens() -> None:
+    model = tiny_gpt2()
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    prompt_ids = torch.randint(1, 10, (3, 4), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for fn in (generate, generate_static):
+        gen = torch.Generator().manual_seed(0)
+        outs.append(
+            fn(
+                model,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=6,
+                eos_token_id=3,
+                pad_token_id=0,
+                generator=gen,
+            )
+        )
+    dynamic, static = outs
+    assert torch.equal(dynamic.response_ids, static.response_ids)
+    assert torch.equal(dynamic.response_mask, static.response_mask)
+    torch.testing.assert_close(dynamic.logprobs, static.logprobs, atol=1e-5, rtol=1e-5)
