@@ -49,20 +49,29 @@ def resolve_policy(ctx: RunContext, policy_path: str | Path | None = None) -> st
 def feedback_prompts(ctx: RunContext) -> list[Any]:
     """The task records of ``feedback.split``, a seeded subset of ``feedback.num_prompts``."""
     fcfg = ctx.cfg.feedback
-    split = str(fcfg.split)
+    return split_records(ctx, "feedback", str(fcfg.split), fcfg.num_prompts, int(fcfg.seed))
+
+
+def split_records(
+    ctx: RunContext, key: str, split: str, num_prompts: int | None, seed: int
+) -> list[Any]:
+    """The task's ``split`` prompts (train | eval | all), a seeded subset of ``num_prompts``.
+
+    ``key`` is the config node the values came from, named in errors.
+    """
     if split not in SPLITS:
-        raise ConfigError(f"feedback.split={split!r}; expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"{key}.split={split!r}; expected one of {', '.join(SPLITS)}")
     task = ctx.task
     records = {
         "train": task.train_prompts,
         "eval": task.eval_prompts,
         "all": lambda: [*task.train_prompts(), *task.eval_prompts()],
     }[split]()
-    if fcfg.num_prompts is not None and int(fcfg.num_prompts) < len(records):
+    if num_prompts is not None and int(num_prompts) < len(records):
         # Sampling (not a prefix) keeps the prompt kinds in proportion.
-        records = random.Random(int(fcfg.seed)).sample(records, int(fcfg.num_prompts))
+        records = random.Random(seed).sample(records, int(num_prompts))
     if not records:
-        raise ConfigError(f"feedback.split={split!r} has no prompts")
+        raise ConfigError(f"{key}.split={split!r} has no prompts")
     return records
 
 
