@@ -104,8 +104,12 @@ class RLConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    kl_coef: float = 0.05
-    """Coefficient of the KL penalty to the reference policy; 0 skips the reference forward."""
+    kl_coef: float = 0.2
+    """Coefficient of the KL penalty to the reference policy; 0 skips the reference forward.
+
+    0.2 per token because the learned reward is normalised to unit std and responses are a
+    few tokens long: on the built-in task's default pipeline PPO at 0.05 over-optimised the
+    reward model (gold win-rate 0.52, KL 2.1 nats), at 0.2 it did not (0.59, KL 0.68)."""
     kl_estimator: str = "k1"
     checkpoint_every: int = 20
     """Write a checkpoint every N steps (0: only at the end)."""
