@@ -97,15 +97,15 @@ def _truncate(scaled_logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled_logits
 
 
-def _all_finished(model: nn.Module, finished: Tensor) -> bool:
-    """Whether every row has emitted EOS, on every rank when ``model`` is FSDP-sharded.
+def _all_finished(finished: Tensor, sharded: bool) -> bool:
+    """Whether every row has emitted EOS, on every rank when the model is FSDP-sharded.
 
     Each forward of a sharded model all-gathers parameters with the other ranks, so all ranks
     must run the same number of decode steps: a rank whose rows are done keeps decoding
     padding until every rank is done (the stop decision is a MIN over ranks).
     """
     done = finished.all()
-    if _is_sharded(model):
+    if sharded:
         import torch.distributed as dist
 
         flag = done.to(torch.int32)
@@ -165,6 +165,7 @@ def generate(
     device = prompt_ids.device
     mask = prompt_mask.long()
     positions = position_ids_from_mask(mask)
+    sharded = _is_sharded(model)  # checked once, not per token
     # Prefill: only the last position's logits are needed, so skip the (B, P, V) projection.
     extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
     out = model(
@@ -196,7 +197,7 @@ def generate(
             logprobs.append(torch.where(alive, token_logprob.squeeze(-1), 0.0))
         finished = finished | (alive & (token == eos_token_id))
         # One host sync per token; it lets a batch that is done stop paying for more forwards.
-        if step == max_new_tokens - 1 or _all_finished(model, finished):
+        if step == max_new_tokens - 1 or _all_finished(finished, sharded):
             break
         # Finished rows keep running on padding; their outputs are discarded by the mask.
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)

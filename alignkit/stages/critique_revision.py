@@ -36,26 +36,13 @@ from alignkit.io import atomic_write_text
 from alignkit.judges.config import build_critique_judge, critique_config
 from alignkit.judges.critic import CritiqueJudge
 from alignkit.stages.common import load_model
-from alignkit.stages.feedback import split_records
+from alignkit.stages.feedback import resolve_policy, split_records
 from alignkit.tracking import console
 
 
 def _records(ctx: RunContext, rcfg: Any) -> list[Any]:
     return split_records(
         ctx, "reward.critique.revision", str(rcfg.split), rcfg.num_prompts, int(rcfg.seed)
-    )
-
-
-def _policy_path(ctx: RunContext, rcfg: Any) -> str:
-    for value in (rcfg.policy, ctx.cfg.feedback.policy, ctx.cfg.model.path):
-        if value:
-            return str(value)
-    sft = ctx.run_dir / "sft"
-    if (sft / "config.json").is_file():
-        return str(sft)
-    raise ConfigError(
-        "stage=critique_revision needs a policy to sample from: set "
-        "reward.critique.revision.policy or model.path (e.g. the SFT policy folder)"
     )
 
 
@@ -70,7 +57,9 @@ def run_critique_revision(ctx: RunContext) -> dict[str, float]:
     k = int(rcfg.samples_per_prompt)
     if k < 1:
         raise ConfigError(f"reward.critique.revision.samples_per_prompt must be >= 1, got {k}")
-    path = _policy_path(ctx, rcfg)
+    path = resolve_policy(
+        ctx, rcfg.policy, stage="critique_revision", key="reward.critique.revision.policy"
+    )
     policy, tokenizer = load_model(ctx, path)
     records = [r for r in _records(ctx, rcfg) for _ in range(k)]
     console.print(f"critique_revision: {len(records)} samples from {path}")

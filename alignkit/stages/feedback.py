@@ -32,8 +32,17 @@ from alignkit.tracking import console
 SPLITS: tuple[str, ...] = ("train", "eval", "all")
 
 
-def resolve_policy(ctx: RunContext, policy_path: str | Path | None = None) -> str:
-    """``policy_path``, else ``feedback.policy``, ``model.path``, else ``<run_dir>/sft``."""
+def resolve_policy(
+    ctx: RunContext,
+    policy_path: str | Path | None = None,
+    *,
+    stage: str = "feedback",
+    key: str = "feedback.policy",
+) -> str:
+    """``policy_path``, else ``feedback.policy``, ``model.path``, else ``<run_dir>/sft``.
+
+    ``stage`` and ``key`` (the config key that ``policy_path`` came from) name the error.
+    """
     for value in (policy_path, ctx.cfg.feedback.policy, ctx.cfg.model.path):
         if value:
             return str(value)
@@ -41,7 +50,7 @@ def resolve_policy(ctx: RunContext, policy_path: str | Path | None = None) -> st
     if (sft / "config.json").is_file():
         return str(sft)
     raise ConfigError(
-        "stage=feedback needs a policy to sample from: set feedback.policy or model.path "
+        f"stage={stage} needs a policy to sample from: set {key} or model.path "
         "(e.g. the SFT policy folder)"
     )
 
