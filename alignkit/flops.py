@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecoderShape", "decode_flops", "forward_flops", "train_flops"]
+__all__ = ["DecoderShape", "decode_flops", "forward_flops", "last_token_flops", "train_flops"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,22 @@ def forward_flops(
     attention = 4 * shape.n_layer * seq_len * keys * d
     head = 2 * d * shape.vocab_size * logit_positions
     return float(rows * (linear + attention + head))
+
+
+def last_token_flops(shape: DecoderShape, rows: int, seq_len: int) -> float:
+    """A scalar-head forward that reads one position per row (:mod:`alignkit.lean_gpt2`).
+
+    The first ``L - 1`` layers run over all ``T`` tokens; the last computes keys and values
+    for all of them (``2 * 2 d^2 * T``) and the rest for the read position only: its QKV
+    (``6 d^2``), attention over ``T`` keys (``4 T d``), output projection (``2 d^2``) and MLP
+    (``4 d f``).
+    """
+    if shape.n_layer < 1:
+        raise ValueError("a decoder needs at least one layer")
+    d, f = shape.n_embd, shape.mlp_width
+    body = DecoderShape(shape.n_layer - 1, d, shape.vocab_size, shape.n_inner)
+    last = 4 * d * d * seq_len + 6 * d * d + 4 * seq_len * d + 2 * d * d + 4 * d * f
+    return forward_flops(body, rows, seq_len, 0) + float(rows * last)
 
 
 def train_flops(shape: DecoderShape, rows: int, seq_len: int, logit_positions: int) -> float:

@@ -33,6 +33,7 @@ from transformers import (
 
 from alignkit.errors import AlignkitError
 from alignkit.io import atomic_directory
+from alignkit.lean_gpt2 import last_token_hidden
 from alignkit.ops import entropy_from_logits, logprobs_from_logits
 
 __all__ = [
@@ -473,9 +474,13 @@ class ScalarHeadModel(nn.Module):
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
-        values = self(input_ids, attention_mask)
-        index = last_token_index(attention_mask).unsqueeze(-1)
-        raw = values.gather(1, index).squeeze(1)
+        index = last_token_index(attention_mask)
+        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2).
+        hidden = last_token_hidden(self.backbone, input_ids, attention_mask, index)
+        if hidden is not None:
+            raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        else:
+            raw = self(input_ids, attention_mask).gather(1, index.unsqueeze(-1)).squeeze(1)
         return (raw - self.mean) / self.std
 
     def save_pretrained(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import GPT2Model
 
+from alignkit import lean_gpt2
 from alignkit.flops import DecoderShape, forward_flops
 
 
@@ -27,6 +28,10 @@ class FlopCounter:
     def __init__(self) -> None:
         self.flops: dict[tuple[str, bool], float] = defaultdict(float)
         self._handles: list[Any] = []
+        # alignkit's lean GPT-2 forwards skip module hooks and report each call's FLOPs to
+        # the observers instead, naming the trunk that ran: id(trunk) -> model name.
+        self._lean: dict[int, str] = {}
+        lean_gpt2.call_observers.append(self._lean_call)
 
     def attach(self, model: nn.Module | None, name: str) -> FlopCounter:
         """Hook every GPT-2 trunk and the output embedding of ``model`` under ``name``."""
@@ -35,12 +40,19 @@ class FlopCounter:
         for module in model.modules():
             if isinstance(module, GPT2Model):
                 shape = DecoderShape.from_config(module.config)
-                hook = self._trunk_hook(name, shape)
+                hook = lean_gpt2.observe_only(self._trunk_hook(name, shape))
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                self._lean[id(module)] = name
         head = getattr(model, "get_output_embeddings", lambda: None)()
         if isinstance(head, nn.Linear):
-            self._handles.append(head.register_forward_pre_hook(self._head_hook(name)))
+            hook = lean_gpt2.observe_only(self._head_hook(name))
+            self._handles.append(head.register_forward_pre_hook(hook))
         return self
+
+    def _lean_call(self, trunk: nn.Module, flops: float) -> None:
+        name = self._lean.get(id(trunk))
+        if name is not None:
+            self._add(name, flops)
 
     def _add(self, name: str, flops: float) -> None:
         grad = torch.is_grad_enabled()
@@ -81,3 +93,6 @@ class FlopCounter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._lean.clear()
+        if self._lean_call in lean_gpt2.call_observers:
+            lean_gpt2.call_observers.remove(self._lean_call)

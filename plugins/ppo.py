@@ -50,6 +50,7 @@ from alignkit.ops import (
     per_token_rewards,
     whiten_advantages,
 )
+from alignkit.optim import adamw
 from alignkit.training import (
     Counts,
     OptimTarget,
@@ -176,7 +177,7 @@ def build_value_state(ctx: RunContext) -> ValueState:
     # Placed (and under FSDP sharded) before its optimizer sees the parameters.
     module = ctx.backend.prepare_model(module)
     lr = float(optim.lr) if algo.value_lr is None else float(algo.value_lr)
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         module.parameters(),
         lr=lr,
         betas=tuple(optim.betas),

@@ -13,8 +13,14 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.batch import Rollout
-from alignkit.flops import DecoderShape, decode_flops, forward_flops, train_flops
-from alignkit.generation import generate
+from alignkit.flops import (
+    DecoderShape,
+    decode_flops,
+    forward_flops,
+    last_token_flops,
+    train_flops,
+)
+from alignkit.generation import GenerationOutput, generate
 from alignkit.training import (
     Counts,
     OptimTarget,
@@ -30,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a top-level folder, not an installed package
 
 from benchmarks.flop_counter import FlopCounter  # noqa: E402
-from benchmarks.patches import apply_patches, generate_static  # noqa: E402
+from benchmarks.patches import apply_patches  # noqa: E402
 from benchmarks.run import format_table, main  # noqa: E402
 from benchmarks.scaling import plot  # noqa: E402
 
@@ -94,6 +100,52 @@ def test_counter_sees_the_kv_cache_context() -> None:
     with torch.no_grad():
         model(input_ids=ids)
     assert counter.total() == decode_flops(SHAPE, rows=1, prompt_len=3, new_tokens=2)
+
+
+def test_counter_counts_lean_decoding_like_the_model_forward() -> None:
+    """The lean GPT-2 path skips module hooks; the counter sees its calls as observer."""
+    model = tiny_gpt2()
+    counter = FlopCounter().attach(model, "policy")
+    prompt_ids = torch.randint(1, 10, (2, 3), generator=torch.Generator().manual_seed(2))
+    totals = []
+    for lean in (True, False):
+        counter.reset()
+        out = generate(
+            model,
+            prompt_ids,
+            torch.ones_like(prompt_ids),
+            max_new_tokens=4,
+            eos_token_id=99,  # never sampled: every row runs all 4 tokens
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(0),
+            lean=lean,
+        )
+        assert out.response_ids.shape == (2, 4)
+        totals.append(counter.total("policy", grad=False))
+    # prefill over 3 tokens (one logit position per row) and 3 decode steps
+    assert totals[0] == totals[1] == decode_flops(SHAPE, rows=2, prompt_len=3, new_tokens=4)
+    counter.detach()
+
+
+def test_last_token_flops_by_hand() -> None:
+    # d=4, f=16, L=2, T=3, one row: layer 0 full = 2*(16+32+... ) via forward_flops of one
+    # layer: 2*(4*16 + 2*4*16)*3 + 4*3*3*4 = 1152 + 144; last layer: K,V 4*16*3 = 192,
+    # QKV of the read token 6*16 = 96, attention 4*3*4 = 48, projection 2*16 = 32,
+    # MLP 4*4*16 = 256.
+    assert last_token_flops(SHAPE, rows=1, seq_len=3) == 1152 + 144 + 192 + 96 + 48 + 32 + 256
+    assert last_token_flops(SHAPE, rows=2, seq_len=3) == 2 * last_token_flops(SHAPE, 1, 3)
+
+
+def test_counter_counts_the_lean_reward_forward_as_a_training_pass(tmp_path: Path) -> None:
+    from alignkit.models import ScalarHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "m")
+    model = ScalarHeadModel.from_pretrained(tmp_path / "m")
+    counter = FlopCounter().attach(model, "rm")
+    ids = torch.randint(0, 10, (2, 3))
+    model.score(ids, torch.ones_like(ids)).sum().backward()
+    assert counter.total("rm", grad=True) == 3 * last_token_flops(SHAPE, rows=2, seq_len=3)
+    counter.detach()
 
 
 def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
@@ -267,25 +319,34 @@ def test_fused_gelu_patch_matches_and_is_undone() -> None:
         pass
 
 
-def test_static_cache_samples_the_same_tokens() -> None:
+def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens() -> None:
+    from alignkit import generation
+    from alignkit.lean_gpt2 import observe_only
+
     model = tiny_gpt2()
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
     prompt_ids = torch.randint(1, 10, (3, 4), generator=torch.Generator().manual_seed(1))
-    outs = []
-    for fn in (generate, generate_static):
-        gen = torch.Generator().manual_seed(0)
-        outs.append(
-            fn(
-                model,
-                prompt_ids,
-                prompt_mask,
-                max_new_tokens=6,
-                eos_token_id=3,
-                pad_token_id=0,
-                generator=gen,
-            )
+    calls: list[int] = []
+    handle = model.transformer.register_forward_pre_hook(observe_only(lambda *_: calls.append(1)))
+
+    def sample() -> GenerationOutput:
+        return generation.generate(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=6,
+            eos_token_id=3,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(0),
         )
-    dynamic, static = outs
-    assert torch.equal(dynamic.response_ids, static.response_ids)
-    assert torch.equal(dynamic.response_mask, static.response_mask)
-    torch.testing.assert_close(dynamic.logprobs, static.logprobs, atol=1e-5, rtol=1e-5)
+
+    lean = sample()
+    assert calls == []  # the lean path does not call the model's forward
+    with apply_patches(["hf_decode"]):
+        hf = sample()
+    assert len(calls) >= 2  # prefill and at least one decode step
+    assert generation.generate is generate
+    handle.remove()
+    assert torch.equal(lean.response_ids, hf.response_ids)
+    assert torch.equal(lean.response_mask, hf.response_mask)
+    torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-5, rtol=1e-5)

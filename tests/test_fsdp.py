@@ -74,15 +74,22 @@ def test_rl_losses_on_two_ranks_match_one_process(
     assert len(set(want["loss/policy"])) == 3
     # Rank 0 alone wrote metrics: one record per step, not one per rank.
     assert [r["step"] for r in read_metrics(fsdp_rl / "metrics.jsonl")] == [0, 1, 2]
-    # The final weights agree too. Adam divides by sqrt(v): where the exact gradient is 0
-    # (attention key biases: softmax ignores a per-query constant) rounding noise becomes a
-    # step of up to lr = 1e-4, so weights get an absolute tolerance of 2e-5 (measured 4e-6).
+    # The final weights agree too, to 2e-5 absolute (measured 4e-6), except the attention
+    # key biases: their exact gradient is 0 (softmax ignores a per-query constant), so Adam,
+    # dividing by sqrt(v), turns rounding noise into a step of up to lr = 1e-4, and the two
+    # runs' noise differs (one process uses the fused AdamW kernel, FSDP's sharded parameters
+    # the foreach one). Those get the bound of 3 such steps.
     from safetensors.torch import load_file
 
     a = load_file(fsdp_rl / "rl" / "policy" / "model.safetensors")
     b = load_file(tmp_path / "rl" / "policy" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
+        if name.endswith("attn.c_attn.bias"):
+            q, k, v = a[name].chunk(3)
+            q_want, k_want, v_want = b[name].chunk(3)
+            torch.testing.assert_close(k, k_want, rtol=0, atol=3e-4, msg=name)
+            a[name], b[name] = torch.cat([q, v]), torch.cat([q_want, v_want])
         torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=2e-5, msg=name)
 
 

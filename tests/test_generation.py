@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from alignkit.generation import GenerationOutput, decode_responses, generate, tokenize_prompts
+from alignkit.generation import (
+    GenerationOutput,
+    decode_responses,
+    generate,
+    sample_from,
+    tokenize_prompts,
+)
+from alignkit.lean_gpt2 import lean_decoder, observe_only
 from alignkit.models import (
     TinyModelSpec,
     build_tiny_model,
@@ -314,3 +321,115 @@ def test_decode_responses(lm) -> None:
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in (first, second)])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in (first, second)])
     assert decode_responses(tokenizer, ids, mask) == ["sat on the mat.", "ran  to\na tree!"]
+
+
+# ------------------------------------------------------------------------------ lean decoder
+
+
+@pytest.mark.parametrize(
+    ("greedy", "temperature", "top_k", "top_p"),
+    [(True, 1.0, 0, 1.0), (False, 1.0, 0, 1.0), (False, 0.7, 20, 0.9)],
+)
+def test_lean_decoder_samples_what_the_model_forward_samples(
+    lm, greedy, temperature, top_k, top_p
+) -> None:
+    model, tokenizer = lm
+    assert lean_decoder(model) is not None  # the tiny GPT-2 takes the lean path
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS * 3)  # left padding of 0 to 6 tokens
+    outs = [
+        generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=12,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=torch.Generator().manual_seed(3),
+            lean=lean,
+            **_ids(tokenizer),
+        )
+        for lean in (True, False)
+    ]
+    assert torch.equal(outs[0].response_ids, outs[1].response_ids)
+    assert torch.equal(outs[0].response_mask, outs[1].response_mask)
+    torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=0)
+
+
+def test_lean_prefill_logits_equal_the_model_on_real_positions(lm) -> None:
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    fast = lean_decoder(model)
+    assert fast is not None
+    fast.start(ids.shape[0], ids.shape[1] + 4, mask)
+    positions = position_ids_from_mask(mask)
+    with torch.no_grad():
+        lean = fast.forward(ids, positions, last_only=False)  # (B, P, V)
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert torch.isfinite(lean).all()  # left-padding queries attend to themselves, no NaN
+    torch.testing.assert_close(lean[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert fast.length == ids.shape[1]
+
+
+def test_lean_decoder_steps_aside_where_it_would_not_be_exact(model_dir: Path) -> None:
+    model, _ = load_causal_lm(str(model_dir))
+    assert lean_decoder(model) is not None
+    # A forward hook may change outputs (a logit bias): the model's own forward must run.
+    handle = model.lm_head.register_forward_hook(lambda *_: None)
+    assert lean_decoder(model) is None
+    handle.remove()
+    # An observe-only hook does not.
+    handle = model.lm_head.register_forward_hook(observe_only(lambda *_: None))
+    assert lean_decoder(model) is not None
+    handle.remove()
+    # Active dropout in train mode.
+    noisy, _ = load_causal_lm(str(model_dir))
+    noisy.transformer.drop.p = 0.1
+    noisy.train()
+    assert lean_decoder(noisy) is None
+    noisy.eval()
+    assert lean_decoder(noisy) is not None
+    # Attention variants the lean forward does not implement.
+    variant, _ = load_causal_lm(str(model_dir))
+    variant.config.scale_attn_by_inverse_layer_idx = True
+    assert lean_decoder(variant) is None
+    # Another architecture, and a subclass that may override the forward.
+    assert lean_decoder(nn.Linear(2, 2)) is None
+    subclass = type("MyGPT2", (type(model),), {})
+    assert lean_decoder(subclass(model.config)) is None
+
+
+def test_lean_decoder_is_skipped_for_lora_adapters(model_dir: Path) -> None:
+    peft = pytest.importorskip("peft")
+    model, tokenizer = load_causal_lm(str(model_dir))
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    wrapped = peft.get_peft_model(model, config)
+    assert lean_decoder(wrapped) is None
+    assert lean_decoder(wrapped.base_model.model) is None  # its c_attn is a LoRA layer now
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    out = generate(wrapped, ids, mask, max_new_tokens=3, greedy=True, **_ids(tokenizer))
+    assert out.response_ids.shape[0] == len(PROMPTS)
+
+
+# ------------------------------------------------------------------------------ sampler
+
+
+def test_sample_from_inverts_the_cdf() -> None:
+    """Hand-computed buckets: u' = 1 - U in (0, 0.1] -> 0, (0.1, 0.3] -> 1, (0.3, 1] -> 2."""
+    probs = torch.tensor([[0.1, 0.2, 0.7]]).repeat(64, 1)
+    tokens = sample_from(probs, torch.Generator().manual_seed(5))
+    u = 1.0 - torch.rand(64, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = (u > 0.1).long().squeeze(-1) + (u > 0.3).long().squeeze(-1)
+    assert torch.equal(tokens, expected)
+
+
+def test_sample_from_never_draws_zero_probability_tokens_and_matches_frequencies() -> None:
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_from(probs, gen) for _ in range(4000)])  # (4000, 2)
+    assert set(draws[:, 0].tolist()) <= {1, 3}
+    assert draws[:, 1].eq(0).all()
+    # Binomial(4000, 0.25): std 27, so +-4 std is +-110 draws.
+    assert abs(int(draws[:, 0].eq(1).sum()) - 1000) < 110

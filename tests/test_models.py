@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from alignkit import models
+from alignkit.lean_gpt2 import last_token_hidden
 from alignkit.models import (
     HEAD_CONFIG_NAME,
     HEAD_WEIGHTS_NAME,
@@ -393,6 +394,46 @@ def test_score_reads_last_real_token(model_dir: Path, side: str) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # Scores of different lengths differ, so reading a wrong position would be caught.
     assert len(set(expected.tolist())) == len(texts)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lean_score_equals_the_full_forward_with_gradients(model_dir: Path, side: str) -> None:
+    """The last-token forward (alignkit.lean_gpt2) against the backbone's own forward."""
+    torch.manual_seed(0)
+    value = ScalarHeadModel.from_pretrained(model_dir)
+    value.train()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = ["the cat sat on the mat.", "a dog", "my friend walked past the red house?"]
+    batch = tokenizer.pad(
+        {"input_ids": [tokenizer.encode(t) for t in texts]}, padding_side=side, return_tensors="pt"
+    )
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    index = last_token_index(mask)
+    assert last_token_hidden(value.backbone, ids, mask, index) is not None
+    lean = value.score(ids, mask)
+    lean.pow(2).sum().backward()
+    lean_grads = {n: p.grad.clone() for n, p in value.named_parameters() if p.grad is not None}
+    value.zero_grad(set_to_none=True)
+    full = value(ids, mask).gather(1, index[:, None]).squeeze(1)
+    full.pow(2).sum().backward()
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)
+    assert lean_grads.keys() == {n for n, p in value.named_parameters() if p.grad is not None}
+    for name, param in value.named_parameters():
+        torch.testing.assert_close(lean_grads[name], param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_lean_score_steps_aside_for_hooks_and_adapters(model_dir: Path) -> None:
+    value = ScalarHeadModel.from_pretrained(model_dir)
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    index = last_token_index(mask)
+    handle = value.backbone.h[0].register_forward_hook(lambda *_: None)
+    assert last_token_hidden(value.backbone, ids, mask, index) is None
+    calls = []
+    value.backbone.register_forward_hook(lambda *_: calls.append(1))
+    value.score(ids, mask)  # falls back to the full forward, where the hooks run
+    assert calls == [1]
+    handle.remove()
+    assert last_token_hidden(nn.Linear(2, 2), ids, mask, index) is None
 
 
 def test_score_applies_normalisation(model_dir: Path) -> None:

@@ -41,6 +41,7 @@ from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
 from alignkit.models import ScalarHeadModel
+from alignkit.optim import adamw
 from alignkit.reward_models import (
     EnsembleScorer,
     RewardLoss,
@@ -248,11 +249,7 @@ def train_reward_model(
     device = next(model.parameters()).device
     max_length = model_max_length(model, settings.max_length)
     stats = rating_stats(groups)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-    )
+    optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = linear_warmup_decay(optimizer, settings.warmup_steps, settings.steps)
     batches = _batches(len(groups), settings.batch_size, random.Random(settings.seed))
     recent_loss: list[float] = []

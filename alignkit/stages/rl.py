@@ -12,6 +12,7 @@ from alignkit.context import RunContext
 from alignkit.engine import Engine
 from alignkit.errors import ConfigError
 from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model
+from alignkit.optim import adamw
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
 from alignkit.tracking import console
@@ -72,8 +73,8 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
         policy = backend.prepare_model(policy)
     # The optimizer is built last: FSDP replaces the parameters with sharded ones.
     o = rl.optim
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
+    optimizer = adamw(
+        policy.parameters(),
         lr=float(o.lr),
         betas=tuple(o.betas),
         eps=float(o.eps),

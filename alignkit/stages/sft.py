@@ -21,6 +21,7 @@ from alignkit.data import read_sft_pairs
 from alignkit.engine import _progress
 from alignkit.errors import ConfigError
 from alignkit.evaluation import gold_scores, sample_policy
+from alignkit.optim import adamw
 from alignkit.stages.common import base_model_path, linear_warmup_decay, load_model
 from alignkit.tracking import console
 
@@ -141,9 +142,7 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
     # Placed and (under FSDP) sharded before the optimizer sees the parameters.
     model = backend.prepare_model(model)
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay)
-    )
+    optimizer = adamw(model.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     steps = int(cfg.steps)
     scheduler = linear_warmup_decay(optimizer, int(cfg.warmup_steps), steps)
     rng = random.Random(int(ctx.cfg.seed))

@@ -44,6 +44,7 @@ from alignkit.judges.critic import CritiqueJudge
 from alignkit.judges.templates import JudgeTemplate
 from alignkit.judges.verdict import spearman
 from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
+from alignkit.optim import adamw
 from alignkit.stages.common import linear_warmup_decay
 from alignkit.stages.sft import collate, encode_pairs, sft_loss
 
@@ -351,7 +352,7 @@ def _train(
 ) -> float:
     """The SFT objective (token-mean NLL of the critique and verdict) on shuffled batches."""
     steps, bs = int(cfg.steps), int(cfg.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr))
+    optimizer = adamw(model.parameters(), lr=float(cfg.lr))
     scheduler = linear_warmup_decay(optimizer, int(cfg.warmup_steps), steps)
     rng = random.Random(seed)
     batches: list[list[int]] = []

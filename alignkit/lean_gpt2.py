@@ -1,0 +1,313 @@
+"""Lean GPT-2 forwards: the same maths as ``transformers``' GPT-2, less work per call.
+
+Shapes: B = batch, T = new positions of one call (the prompt at prefill, 1 while decoding),
+S = cache length (prompt + new tokens), d = width, H = heads, h = d / H, V = vocabulary.
+
+Why: on the small models RL research runs on CPU, a decode step of ``transformers``' GPT-2
+costs several times its matmuls (module dispatch, a mask rebuilt every call, a cache grown by
+concatenation). Here the weights are read once, the key/value cache is one preallocated
+tensor per layer written in place, and the padding mask is built once per batch. The forward
+is Radford et al. (2019)'s pre-LN block, identical to ``GPT2Block`` in eval mode:
+``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, causal attention scaled by 1/sqrt(h).
+
+Two uses:
+
+* :func:`lean_decoder` for sampling (:func:`alignkit.generation.generate`);
+* :func:`last_token_hidden` for reward models, which read one hidden state per row: the
+  last block computes keys and values for every position but its query, attention output,
+  MLP and final layer norm only at that row's last token, so the work of the last block's
+  other positions (most of a quarter of a 4-layer model's forward and backward) is skipped.
+
+Both return None for anything they cannot reproduce exactly (another architecture, LoRA or
+FSDP wrappers, active dropout, attention variants, a forward hook that may change outputs),
+and the caller then runs the model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignkit.flops import DecoderShape, forward_flops, last_token_flops
+
+__all__ = ["LeanGPT2", "call_observers", "last_token_hidden", "lean_decoder", "observe_only"]
+
+Observer = Callable[[nn.Module, float], None]
+call_observers: list[Observer] = []
+"""Called after every lean forward with ``(trunk, flops)``: the ``GPT2Model`` whose weights
+ran and the analytic FLOPs of the call (:mod:`alignkit.flops`; the LM head included). Module
+hooks do not run in the lean path; the benchmarks count FLOPs with this instead."""
+
+_OBSERVE_ONLY = "_alignkit_observe_only"
+
+
+def observe_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a forward hook as one that only observes, so it does not disable the lean path.
+
+    A model with any other forward hook (one that may change outputs, such as a logit bias)
+    is decoded through its own forward, where the hook runs. Marked hooks do not run in the
+    lean path; register an observer in :data:`call_observers` to see those calls.
+    """
+    setattr(hook, _OBSERVE_ONLY, True)
+    return hook
+
+
+@dataclass(frozen=True)
+class _Block:
+    ln1_w: Tensor
+    ln1_b: Tensor
+    qkv_w: Tensor  # (d, 3d): GPT-2's Conv1D stores (in, out)
+    qkv_b: Tensor
+    proj_w: Tensor  # (d, d)
+    proj_b: Tensor
+    ln2_w: Tensor
+    ln2_b: Tensor
+    fc_w: Tensor  # (d, f)
+    fc_b: Tensor
+    out_w: Tensor  # (f, d)
+    out_b: Tensor
+
+
+def _block(b: nn.Module) -> _Block:
+    """The weights of one ``GPT2Block`` (views, not copies)."""
+    attn, mlp = b.attn, b.mlp
+    return _Block(
+        ln1_w=b.ln_1.weight,
+        ln1_b=b.ln_1.bias,
+        qkv_w=attn.c_attn.weight,
+        qkv_b=attn.c_attn.bias,
+        proj_w=attn.c_proj.weight,
+        proj_b=attn.c_proj.bias,
+        ln2_w=b.ln_2.weight,
+        ln2_b=b.ln_2.bias,
+        fc_w=mlp.c_fc.weight,
+        fc_b=mlp.c_fc.bias,
+        out_w=mlp.c_proj.weight,
+        out_b=mlp.c_proj.bias,
+    )
+
+
+class _Trunk:
+    """The weights of a ``GPT2Model`` (shared, not copied) and the block maths over them."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        cfg = trunk.config
+        self.module = trunk
+        self.shape = DecoderShape.from_config(cfg)
+        self.heads = int(cfg.n_head)
+        self.width = int(cfg.n_embd)
+        self.eps = float(cfg.layer_norm_epsilon)
+        # The module the blocks call (``fuse_tanh_gelu`` may have swapped the config's).
+        self.act = trunk.h[0].mlp.act
+        self.wte = trunk.wte.weight
+        self.wpe = trunk.wpe.weight
+        self.lnf_w, self.lnf_b = trunk.ln_f.weight, trunk.ln_f.bias
+        self.blocks = [_block(b) for b in trunk.h]
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """(B, T) ids and positions -> (B, T, d)."""
+        return F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+
+    def qkv(self, blk: _Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, d) residual stream -> q, k, v, each (B, H, T, h)."""
+        bsz, new = x.shape[:2]
+        a = F.layer_norm(x, (self.width,), blk.ln1_w, blk.ln1_b, self.eps)
+        qkv = torch.addmm(blk.qkv_b, a.reshape(-1, self.width), blk.qkv_w)
+        q, k, v = qkv.view(bsz, new, 3, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def finish(self, blk: _Block, x: Tensor, att: Tensor) -> Tensor:
+        """Residual stream after the attention output ``att`` (B, H, T, h) and the MLP."""
+        bsz, new = x.shape[:2]
+        att = att.transpose(1, 2).reshape(-1, self.width)
+        x = x + torch.addmm(blk.proj_b, att, blk.proj_w).view(bsz, new, self.width)
+        m = F.layer_norm(x, (self.width,), blk.ln2_w, blk.ln2_b, self.eps)
+        m = self.act(torch.addmm(blk.fc_b, m.reshape(-1, self.width), blk.fc_w))
+        return x + torch.addmm(blk.out_b, m, blk.out_w).view(bsz, new, self.width)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.width,), self.lnf_w, self.lnf_b, self.eps)
+
+    def report(self, flops: float) -> None:
+        for observer in call_observers:
+            observer(self.module, flops)
+
+
+class LeanGPT2:
+    """Decode-time view of a ``GPT2LMHeadModel``: its weights and a preallocated KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.trunk = _Trunk(model.transformer)
+        self.lm_head = model.lm_head.weight  # (V, d), tied to wte in GPT-2
+        self.k_cache: list[Tensor] = []
+        self.v_cache: list[Tensor] = []
+        self.key_ok: Tensor | None = None  # (B, S) bool: key position holds a real token
+        self.length = 0
+
+    def start(self, batch: int, capacity: int, prompt_mask: Tensor) -> None:
+        """Allocate the cache for ``capacity`` positions; ``prompt_mask`` is (B, P)."""
+        t = self.trunk
+        shape = (batch, t.heads, capacity, t.width // t.heads)
+        dtype, device = t.wte.dtype, t.wte.device
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in t.blocks]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in t.blocks]
+        # Generated positions are always attended to (finished rows decode padding that no
+        # one reads); only the prompt's left padding is masked.
+        self.key_ok = torch.ones(batch, capacity, dtype=torch.bool, device=device)
+        self.key_ok[:, : prompt_mask.shape[1]] = prompt_mask.bool()
+        self.length = 0
+
+    def _mask(self, new: int) -> Tensor:
+        """(B, 1, T, S') bool attention mask for ``new`` positions after ``self.length``."""
+        assert self.key_ok is not None
+        end = self.length + new
+        keys = self.key_ok[:, None, None, :end]
+        if new == 1:
+            return keys
+        return _causal(keys, self.length, end)
+
+    def forward(self, ids: Tensor, positions: Tensor, last_only: bool = True) -> Tensor:
+        """Logits for (B, T) ``ids`` at (B, T) ``positions``, appending T cache entries.
+
+        Returns:
+            (B, V) logits of the last position if ``last_only``, else (B, T, V).
+        """
+        t = self.trunk
+        bsz, new = ids.shape
+        mask = self._mask(new)
+        start, end = self.length, self.length + new
+        x = t.embed(ids, positions)
+        for i, blk in enumerate(t.blocks):
+            q, k, v = t.qkv(blk, x)
+            self.k_cache[i][:, :, start:end] = k
+            self.v_cache[i][:, :, start:end] = v
+            keys, values = self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end]
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = t.finish(blk, x, att)
+        self.length = end
+        if last_only:
+            x = x[:, -1]
+        logits = t.final_norm(x) @ self.lm_head.t()
+        if call_observers:
+            positions_out = bsz if last_only else bsz * new
+            t.report(forward_flops(t.shape, bsz, new, 0, context=end) + _head(t, positions_out))
+        return logits
+
+
+def _head(t: _Trunk, positions: int) -> float:
+    return 2.0 * t.width * t.shape.vocab_size * positions
+
+
+def _causal(keys: Tensor, start: int, end: int) -> Tensor:
+    """(B, 1, end-start, end) causal mask over the (B, 1, 1, end) real-key mask ``keys``.
+
+    A left-padding query would attend to nothing (NaN through the softmax, then into the next
+    layer's keys); letting it see itself keeps every value finite, as ``transformers`` does.
+    """
+    q = torch.arange(start, end, device=keys.device)[:, None]
+    k = torch.arange(end, device=keys.device)[None, :]
+    return (keys & (k <= q)) | (k == q)
+
+
+def last_token_hidden(
+    trunk: nn.Module, input_ids: Tensor, attention_mask: Tensor, index: Tensor
+) -> Tensor | None:
+    """Final hidden state (after ``ln_f``) of each row at position ``index``: (B, d).
+
+    Args:
+        trunk: a ``GPT2Model`` (a reward or value model's backbone).
+        input_ids: (B, T) ids, any padding side.
+        attention_mask: (B, T), 1 on real tokens.
+        index: (B,) the position to read in each row (its last real token).
+
+    Returns:
+        (B, d) with autograd, equal to ``trunk(...).last_hidden_state[b, index[b]]`` to float
+        rounding; None when ``trunk`` is not a plain GPT-2 (the caller runs its forward).
+        Positions come from the mask (``cumsum - 1``), as :func:`position_ids_from_mask`.
+    """
+    if not _plain_trunk(trunk):
+        return None
+    t = _Trunk(trunk)
+    bsz, total = input_ids.shape
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    keys = attention_mask.bool()[:, None, None, :]
+    x = t.embed(input_ids, positions)
+    for blk in t.blocks[:-1]:
+        q, k, v = t.qkv(blk, x)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(keys, 0, total))
+        x = t.finish(blk, x, att)
+    # Last block: keys and values everywhere, everything else at the read position only.
+    blk = t.blocks[-1]
+    _, k, v = t.qkv(blk, x)
+    rows = torch.arange(bsz, device=x.device)
+    x_last = x[rows, index][:, None]  # (B, 1, d)
+    q, _, _ = t.qkv(blk, x_last)
+    columns = torch.arange(total, device=x.device)[None, :]
+    sees = (keys[:, 0, 0] & (columns <= index[:, None])) | (columns == index[:, None])
+    att = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None, None, :])
+    out = t.final_norm(t.finish(blk, x_last, att))[:, 0]
+    if call_observers:
+        t.report(last_token_flops(t.shape, bsz, total))
+    return out
+
+
+def _plain_trunk(trunk: nn.Module) -> bool:
+    """A ``GPT2Model`` whose forward the lean maths reproduces exactly."""
+    try:
+        from transformers import GPT2Model
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if type(trunk) is not GPT2Model:  # subclasses, peft and FSDP wrappers differ
+        return False
+    cfg = trunk.config
+    if (
+        not getattr(cfg, "scale_attn_weights", True)
+        or getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+        or getattr(cfg, "reorder_and_upcast_attn", False)
+        or getattr(cfg, "add_cross_attention", False)
+        or cfg.n_embd % cfg.n_head
+    ):
+        return False
+    if trunk.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in trunk.modules()):
+        return False
+    for block in trunk.h:
+        layers = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+        if any(type(layer) is not Conv1D for layer in layers):
+            return False
+    return not any(p.is_meta for p in trunk.parameters()) and not _has_hooks(trunk)
+
+
+def lean_decoder(model: nn.Module) -> LeanGPT2 | None:
+    """A :class:`LeanGPT2` over ``model``'s weights, or None where it would not be exact."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    if type(model) is not GPT2LMHeadModel:  # subclasses, peft and FSDP wrappers differ
+        return None
+    if not _plain_trunk(model.transformer) or _has_hooks(model):
+        return None
+    return LeanGPT2(model)
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Whether a forward hook that is not :func:`observe_only` could see or change a call."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+    )
+    if any(len(hooks) for hooks in global_hooks):
+        return True
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            if any(not getattr(h, _OBSERVE_ONLY, False) for h in hooks.values()):
+                return True
+    return False
