@@ -20,8 +20,13 @@ test: setup-dev
 test-slow: setup-dev
 	$(PY) -m pytest -m slow -q $(ARGS)
 
+# TRL 1.12 (the last TRL with a PPO trainer) in its own folder, for the PPO workload's TRL side.
+TRL_PPO_DIR := .bench/trl-1.12
+
 bench: setup-dev
-	$(PY) -m benchmarks $(ARGS)
+	@test -f $(TRL_PPO_DIR)/trl/experimental/ppo/ppo_trainer.py || \
+		$(PY) -m pip install --no-deps --target $(TRL_PPO_DIR) trl==1.12.0
+	$(PY) -m benchmarks --trl-ppo-dir=$(TRL_PPO_DIR) $(ARGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -13,7 +13,9 @@ each run in a fresh process so peak memory is the workload's own::
 
 With TRL installed (``pip install -e .[bench]``) every workload TRL has also runs through TRL
 on the same model folder, prompts, batch and lengths, alternating with alignkit's run, and
-the table gives the throughput ratio alignkit / TRL. ``--scaling`` (on by default) adds GRPO
+the table gives the throughput ratio alignkit / TRL. The PPO workload runs TRL 1.12's
+``PPOTrainer`` (TRL 1.16 has none) from its own folder, ``--trl-ppo-dir`` (``make bench``
+installs it; benchmarks/trl_ppo.py). ``--scaling`` (on by default) adds GRPO
 step time against batch size, response length and model size, plotted to ``scaling.png``.
 
     python -m benchmarks                       # the reference workload, 2 threads
@@ -40,6 +42,8 @@ from alignkit.flops import DecoderShape
 from benchmarks.common import WORKLOADS, add_common_args, matmul_ceiling, peak_rss_mib, write_json
 
 REPO = Path(__file__).resolve().parents[1]
+TRL_PPO_DIR = REPO / ".bench" / "trl-1.12"
+"""TRL 1.12, for the PPO workload's TRL side (``make bench`` installs it; ignored by git)."""
 
 QUICK = {
     "layers": 2,
@@ -74,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating alignkit/TRL rounds")
     p.add_argument("--trl", dest="trl", action="store_true", default=None, help="require TRL")
     p.add_argument("--no-trl", dest="trl", action="store_false", help="skip TRL")
+    p.add_argument(
+        "--trl-ppo-dir",
+        type=Path,
+        default=TRL_PPO_DIR,
+        help="folder holding TRL 1.12 (pip install --no-deps --target DIR trl==1.12.0) for "
+        "the PPO workload's TRL side (default: .bench/trl-1.12)",
+    )
     p.add_argument("--scaling", dest="scaling", action="store_true", default=True)
     p.add_argument("--no-scaling", dest="scaling", action="store_false")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
@@ -136,6 +147,10 @@ def run_worker(args: argparse.Namespace, side: str, workload: str, model_dir: Pa
 
         with apply_patches(side.split("+")[1:]):
             result = run_alignkit(args, workload, model_dir)
+    elif workload == "ppo":
+        from benchmarks.trl_ppo import run_trl_ppo  # TRL 1.12, first on sys.path
+
+        result = run_trl_ppo(args, model_dir)
     else:
         from benchmarks.trl_side import TRL_RUNNERS
 
@@ -146,14 +161,19 @@ def run_worker(args: argparse.Namespace, side: str, workload: str, model_dir: Pa
 
 
 def spawn(args: argparse.Namespace, side: str, workload: str, model_dir: Path, **kw: Any) -> dict:
-    """One workload in a fresh interpreter (its own peak RSS), result read back as JSON."""
-    if args.inline:
+    """One workload in a fresh interpreter (its own peak RSS), result read back as JSON.
+
+    ``--inline`` runs it here instead, except PPO's TRL side: TRL 1.12 cannot share a process
+    with the TRL 1.16 the other TRL runners import.
+    """
+    if args.inline and (side, workload) != ("trl", "ppo"):
         ns = argparse.Namespace(**{**vars(args), **kw})
         return run_worker(ns, side, workload, model_dir)
     with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "benchmarks", *child_argv(args, **kw)]
         cmd += [f"--worker={side}:{workload}", f"--model-dir={model_dir}", f"--result={result}"]
+        cmd += [f"--trl-ppo-dir={args.trl_ppo_dir}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(kw.get("threads", args.threads))}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -227,18 +247,16 @@ def mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure_workloads(
-    args: argparse.Namespace, model_dir: Path, use_trl: bool, log: Any
+    args: argparse.Namespace, model_dir: Path, trl_workloads: set[str], log: Any
 ) -> dict[str, Any]:
-    """Every workload, alternating alignkit and TRL, ``--rounds`` times."""
-    from benchmarks.trl_side import TRL_RUNNERS
-
+    """Every workload, alternating alignkit and TRL (where it has a side), ``--rounds`` times."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
         for workload in args.workload_list:
             sides = ["alignkit"] + (
                 ["alignkit+" + "+".join(args.patch_list)] if args.patch_list else []
             )
-            sides += ["trl"] if use_trl and workload in TRL_RUNNERS else []
+            sides += ["trl"] if workload in trl_workloads else []
             if r % 2:
                 sides.reverse()  # alternate who goes first, so drift hits both sides
             for side in sides:
@@ -262,6 +280,11 @@ def best_step(result: dict[str, Any]) -> float | None:
     return min(steps) if steps else None
 
 
+def without(seconds: dict[str, float], phases: list[str]) -> float:
+    """Seconds per step less ``phases``."""
+    return seconds["total"] - sum(seconds.get(p, 0.0) for p in phases)
+
+
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     """alignkit / TRL per workload: throughput (mean of per-round ratios) and peak memory."""
     out = {}
@@ -270,7 +293,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         theirs = results.get(f"{workload}/trl")
         if not side.startswith("alignkit") or theirs is None:
             continue
-        pairs = zip(ours["rounds"], theirs["rounds"], strict=False)
+        pairs = list(zip(ours["rounds"], theirs["rounds"], strict=False))
         per_round = [
             t["seconds_per_step"]["total"] / a["seconds_per_step"]["total"] for a, t in pairs
         ]
@@ -283,6 +306,19 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             "rss_above_imports": (ours["peak_rss_mib"] - ours["import_rss_mib"])
             / max(theirs["peak_rss_mib"] - theirs["import_rss_mib"], 1e-9),
         }
+        # Phases TRL pays that alignkit's workload does not (PPO: the reward model's forward):
+        # the ratio of both steps without them.
+        extra = theirs["rounds"][0].get("extra_phases", [])
+        if extra:
+            per_round = [
+                without(t["seconds_per_step"], extra) / without(a["seconds_per_step"], extra)
+                for a, t in pairs
+            ]
+            out[name]["without"] = {
+                "phases": extra,
+                "throughput": statistics.fmean(per_round),
+                "throughput_per_round": per_round,
+            }
         fastest = [best_step(ours), best_step(theirs)]
         if None not in fastest:
             # The fastest step of each side: the least disturbed by other load on the machine.
@@ -306,6 +342,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"({report['model']['n_layer']} layers, width {report['model']['n_embd']}, "
         f"vocab {report['model']['vocab_size']}); threads {report['threads']}; "
         f"torch {report['torch']}; trl {report['trl'] or 'not installed'}"
+        + (f" (ppo: trl {report['trl_ppo']})" if report.get("trl_ppo") else "")
     )
     lines.append(
         f"fp32 matmul ceiling at the model's shapes: {ceil['train']['gflops']:.1f} GFLOP/s "
@@ -339,8 +376,17 @@ def format_table(report: dict[str, Any]) -> str:
                 f"  {workload:<30} throughput {r['throughput']:.2f}x (rounds: {per}{best_text}); "
                 f"peak RSS {r['peak_rss']:.2f}x ({r['rss_above_imports']:.2f}x above imports)"
             )
+            if r.get("without"):
+                w = r["without"]
+                per = ", ".join(f"{x:.2f}" for x in w["throughput_per_round"])
+                lines.append(
+                    f"  {'':<30} without the {'/'.join(w['phases'])} phase (both sides): "
+                    f"throughput {w['throughput']:.2f}x (rounds: {per})"
+                )
     if report.get("trl_missing"):
         lines.append(f"\nno TRL side for: {', '.join(report['trl_missing'])}")
+    if report.get("trl_ppo_problem"):
+        lines.append(report["trl_ppo_problem"])
     if report.get("scaling"):
         lines += ["", "scaling (GRPO step, alignkit): seconds per step"]
         for axis, points in report["scaling"]["curves"].items():
@@ -367,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_suite(args: argparse.Namespace) -> int:
     from benchmarks.scaling import run_scaling
+    from benchmarks.trl_ppo import installed_version, problem
     from benchmarks.trl_side import TRL_RUNNERS, trl_version
 
     started = time.perf_counter()
@@ -376,6 +423,16 @@ def run_suite(args: argparse.Namespace) -> int:
     if args.trl and version is None:
         raise SystemExit("--trl: TRL is not installed; pip install -e .[bench]")
     use_trl = version is not None and args.trl is not False
+    trl_workloads = set(TRL_RUNNERS) if use_trl else set()
+    # PPO's TRL side is TRL 1.12 in its own folder, checked here without importing it.
+    ppo_problem = problem(args.trl_ppo_dir) if args.trl is not False else None
+    if "ppo" in args.workload_list and args.trl is not False:
+        if ppo_problem is None:
+            trl_workloads.add("ppo")
+        elif args.trl:
+            raise SystemExit(f"--trl: {ppo_problem}")
+        else:
+            print(ppo_problem, flush=True)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
@@ -389,7 +446,7 @@ def run_suite(args: argparse.Namespace) -> int:
         decode_rows = args.prompts * args.samples
         first = matmul_ceiling(shape, train_rows, seconds)
         log(f"matmul ceiling {first['gflops']:.1f} GFLOP/s; running {args.workload_list}")
-        results = measure_workloads(args, model_dir, use_trl, log)
+        results = measure_workloads(args, model_dir, trl_workloads, log)
         # Measured again after the workloads: the higher of the two is the ceiling (the
         # machine is shared, a busy moment only lowers a measurement).
         second = matmul_ceiling(shape, train_rows, seconds)
@@ -416,10 +473,16 @@ def run_suite(args: argparse.Namespace) -> int:
             "rounds": args.rounds,
             "torch": torch.__version__,
             "trl": version if use_trl else None,
+            "trl_ppo": installed_version(args.trl_ppo_dir) if "ppo" in trl_workloads else None,
+            "trl_ppo_problem": ppo_problem if "ppo" in args.workload_list else None,
             "matmul_ceiling": ceiling,
             "results": results,
             "ratios": ratios(results),
-            "trl_missing": [w for w in args.workload_list if use_trl and w not in TRL_RUNNERS],
+            "trl_missing": [
+                w
+                for w in args.workload_list
+                if args.trl is not False and (use_trl or w == "ppo") and w not in trl_workloads
+            ],
         }
     if args.scaling:
         report["scaling"] = run_scaling(args, log)

@@ -14,8 +14,8 @@ to alignkit's side (see docs/benchmarks.md for the full list):
 * Reward model: 16 (prompt, chosen, rejected) pairs per step, max length 96, AdamW(lr 1e-4),
   a sequence-classification head on the same trunk.
 
-TRL 1.16 ships no PPO trainer (it left for ``trl.experimental`` and was then removed), so the
-PPO workload has no TRL side.
+TRL 1.16 ships no PPO trainer (it left for ``trl.experimental`` and was then removed): the
+PPO workload's TRL side is TRL 1.12's, in benchmarks/trl_ppo.py.
 
 Phases of a GRPO step are read by wrapping TRL's own methods: ``_generate`` (sampling and
 decoding), ``_calculate_rewards`` and the no-grad calls of ``_get_per_token_logps_and_entropies``
@@ -351,4 +351,4 @@ TRL_RUNNERS = {
     "grpo": run_trl_grpo,
     "reward_model": run_trl_reward_model,
 }
-"""Workloads with a TRL side (no PPO: TRL 1.16 has no PPO trainer)."""
+"""Workloads with a TRL 1.16 side (PPO's is TRL 1.12's: benchmarks/trl_ppo.py)."""
