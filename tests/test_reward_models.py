@@ -40,7 +40,12 @@ from alignkit.reward_models import (
     score_groups,
     use_trained_reward_model,
 )
-from alignkit.stages.reward_model import TrainSettings, split_groups, train_reward_model
+from alignkit.stages.reward_model import (
+    TrainSettings,
+    score_by_length,
+    split_groups,
+    train_reward_model,
+)
 
 # -------------------------------------------------------------------------------------------
 # hand-computed losses. sp(x) = -log sigmoid(x) = log(1 + e^-x), lse = log-sum-exp:
@@ -470,3 +475,24 @@ def test_use_trained_reward_model_fills_unset_paths() -> None:
     assert filled == ["reward.bradley_terry.path", "reward.rm_ensemble.paths"]
     assert cfg.reward.bradley_terry.path == "/x/reward_model"
     assert list(cfg.reward.rm_ensemble.paths) == ["/x/reward_model"]
+
+
+def test_length_sorted_chunks_score_like_one_batch(tiny_backbone: Path) -> None:
+    """``score_by_length`` skips padding columns; scores and gradients are unchanged."""
+    model, tok = _fresh_model(tiny_backbone)
+    model.train()
+    texts = [
+        f"User: {p}\nAssistant: {' '.join(FILLER[: 1 + i % 5])}" for i, p in enumerate(PROMPTS)
+    ]
+    batch = tok(texts, padding=True, padding_side="right", return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) > 2  # lengths differ, so chunks are cut differently
+    chunked = score_by_length(model, ids, mask, rows=3)
+    chunked.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    whole = model.score(ids, mask)
+    whole.pow(2).sum().backward()
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for got, param in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(got, param.grad, atol=1e-5, rtol=1e-4)
