@@ -88,7 +88,9 @@ class JudgeBuildConfig:
     """Synthetic (context, critique, verdict) examples."""
     pairwise_fraction: float = 0.12
     revision_fraction: float = 0.08
-    steps: int = 1000
+    steps: int = 2000
+    """2000: at 1000 the judge's per-principle rank correlation with gold on held-out prompts
+    was 0.59, at 2000 0.65 (docs/critique.md); each step is about 0.2 s on one thread."""
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
