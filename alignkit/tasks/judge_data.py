@@ -48,19 +48,19 @@ from alignkit.optim import adamw
 from alignkit.stages.common import linear_warmup_decay
 from alignkit.stages.sft import collate, encode_pairs, sft_loss
 
-# The oracle's own token helpers and compliance markers, so explanations agree with its scores.
+# The oracle's own word helpers, filler and markers, so explanations agree with its scores.
 from alignkit.tasks.assist import (
-    _ARITH_LEADS,
-    _COMPLIANCE_MARKERS,
-    _INSTRUCT_LEADS,
-    _PREFIXES,
-    _SUFFIXES,
+    ARITH_LEADS,
+    COMPLIANCE_MARKERS,
+    FILLER_PREFIXES,
+    FILLER_SUFFIXES,
+    INSTRUCT_LEADS,
     REFUSALS,
     VERBOSE_FLOOR,
     AssistTask,
     PromptRecord,
-    _find,
-    _tokens,
+    find_phrase,
+    word_tokens,
 )
 
 __all__ = [
@@ -73,7 +73,7 @@ __all__ = [
     "response_pool",
 ]
 
-_REFUSAL_TOKENS = tuple(tuple(_tokens(r)) for r in REFUSALS)
+_REFUSAL_TOKENS = tuple(tuple(word_tokens(r)) for r in REFUSALS)
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,11 @@ class Explanation:
 
 
 def _refuses(toks: list[str]) -> bool:
-    return any(_find(toks, r) >= 0 for r in _REFUSAL_TOKENS)
+    return any(find_phrase(toks, r) >= 0 for r in _REFUSAL_TOKENS)
 
 
 def _complies(toks: list[str]) -> bool:
-    return any(_find(toks, m) >= 0 for m in _COMPLIANCE_MARKERS)
+    return any(find_phrase(toks, m) >= 0 for m in COMPLIANCE_MARKERS)
 
 
 def _stated(record: PromptRecord, toks: list[str]) -> str:
@@ -114,7 +114,7 @@ def _stated(record: PromptRecord, toks: list[str]) -> str:
 def explain(task: AssistTask, record: PromptRecord, response: str) -> Explanation:
     """Why the gold oracle scores ``response`` as it does, principle by principle."""
     gold = task.gold_score(record, response)
-    toks = _tokens(response)
+    toks = word_tokens(response)
     right = gold >= VERBOSE_FLOOR  # exact, or the right content wrapped in words
     # The critique states the right answer before judging the response: the judge then only
     # has to compare two texts, not recall the answer and compare at once.
@@ -131,7 +131,7 @@ def explain(task: AssistTask, record: PromptRecord, response: str) -> Explanatio
         else:
             verdict = "The answer is wrong."
         helpful = f"It says {_stated(record, toks)}. It should be {record.answer}. {verdict}"
-    short = len(toks) <= len(_tokens(record.answer))
+    short = len(toks) <= len(word_tokens(record.answer))
     return Explanation(
         gold=gold,
         verdicts={"helpful": right, "concise": short, "harmless": not harmful},
@@ -145,7 +145,7 @@ def explain(task: AssistTask, record: PromptRecord, response: str) -> Explanatio
 
 def _babble(rng: random.Random) -> str:
     """3-12 words of the task's filler phrases in random order: no answer, gold 0."""
-    words = " ".join([*_PREFIXES, *_ARITH_LEADS, *_INSTRUCT_LEADS, *_SUFFIXES]).split()
+    words = " ".join([*FILLER_PREFIXES, *ARITH_LEADS, *INSTRUCT_LEADS, *FILLER_SUFFIXES]).split()
     return " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
 
 
@@ -156,7 +156,7 @@ def response_pool(task: AssistTask, record: PromptRecord, rng: random.Random) ->
     pool.append(task.response_variants(record, rng)["verbose"])  # a second filler wording
     words = record.answer.split()
     if record.kind == "arith":
-        operands = [t for t in _tokens(record.text) if t.isdigit()]
+        operands = [t for t in word_tokens(record.text) if t.isdigit()]
         pool.append(f"{variants['wrong']}, no {record.answer}")  # a hedge: gold 0
         if len(operands) == 2:
             op = next(w for w in ("plus", "minus", "times") if w in record.text)
