@@ -475,8 +475,12 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
         index = last_token_index(attention_mask)
-        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2).
-        hidden = last_token_hidden(self.backbone, input_ids, attention_mask, index)
+        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2);
+        # a hook on this module (e.g. FSDP's) expects its forward to run.
+        hooked = bool(self._forward_hooks or self._forward_pre_hooks)
+        hidden = (
+            None if hooked else last_token_hidden(self.backbone, input_ids, attention_mask, index)
+        )
         if hidden is not None:
             raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         else:

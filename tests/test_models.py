@@ -434,6 +434,10 @@ def test_lean_score_steps_aside_for_hooks_and_adapters(model_dir: Path) -> None:
     assert calls == [1]
     handle.remove()
     assert last_token_hidden(nn.Linear(2, 2), ids, mask, index) is None
+    own = []
+    value.register_forward_hook(lambda *_: own.append(1))
+    value.score(ids, mask)  # a hook on the reward model itself: its forward runs
+    assert own == [1]
 
 
 def test_score_applies_normalisation(model_dir: Path) -> None:
