@@ -230,7 +230,7 @@ def last_token_hidden(
         rounding; None when ``trunk`` is not a plain GPT-2 (the caller runs its forward).
         Positions come from the mask (``cumsum - 1``), as :func:`position_ids_from_mask`.
     """
-    if not _plain_trunk(trunk):
+    if not _plain_trunk(trunk) or _has_hooks(trunk):
         return None
     t = _Trunk(trunk)
     bsz, total = input_ids.shape
@@ -257,7 +257,8 @@ def last_token_hidden(
 
 
 def _plain_trunk(trunk: nn.Module) -> bool:
-    """A ``GPT2Model`` whose forward the lean maths reproduces exactly."""
+    """A ``GPT2Model`` whose forward the lean maths reproduces exactly (hooks aside: callers
+    check them on the module they run in place of)."""
     try:
         from transformers import GPT2Model
         from transformers.pytorch_utils import Conv1D
@@ -280,7 +281,7 @@ def _plain_trunk(trunk: nn.Module) -> bool:
         layers = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         if any(type(layer) is not Conv1D for layer in layers):
             return False
-    return not any(p.is_meta for p in trunk.parameters()) and not _has_hooks(trunk)
+    return not any(p.is_meta for p in trunk.parameters())
 
 
 def lean_decoder(model: nn.Module) -> LeanGPT2 | None:

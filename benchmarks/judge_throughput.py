@@ -68,6 +68,21 @@ def _time(judge: CritiqueJudge, prompts: list[str], responses: list[str]) -> tup
     return len(prompts) / seconds, sum(j.source == "logprobs" for j in judged) / len(judged)
 
 
+def _measure(
+    backend: Any, template: Any, prompts: list[str], responses: list[str], kind: str, setting: str
+) -> list[dict[str, Any]]:
+    """Responses/s and the log-prob fraction, per-principle and all-principles verdicts."""
+    rows = []
+    for per in (True, False):
+        judge = CritiqueJudge(backend, template, per_principle=per)
+        rps, lp = _time(judge, prompts, responses)
+        rows.append(
+            {"backend": kind, "setting": setting, "per_principle": per,
+             "responses_per_s": rps, "logprob_fraction": lp}
+        )  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--judge", required=True, help="the judge folder (alignkit stage=judge)")
@@ -88,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         backend = LocalJudge(args.judge, batch_size=bs)
-        for per in (True, False):
-            judge = CritiqueJudge(backend, template, per_principle=per)
-            rps, lp = _time(judge, prompts, responses)
-            rows.append(
-                {"backend": "local", "setting": f"batch {bs}", "per_principle": per,
-                 "responses_per_s": rps, "logprob_fraction": lp}
-            )  # fmt: skip
+        rows += _measure(backend, template, prompts, responses, "local", f"batch {bs}")
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -105,13 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         _wait(url, proc)
         for conc in (int(x) for x in args.concurrency.split(",")):
             backend = HTTPJudge(url, max_concurrency=conc, timeout_s=120)
-            for per in (True, False):
-                judge = CritiqueJudge(backend, template, per_principle=per)
-                rps, lp = _time(judge, prompts, responses)
-                rows.append(
-                    {"backend": "http", "setting": f"concurrency {conc}", "per_principle": per,
-                     "responses_per_s": rps, "logprob_fraction": lp}
-                )  # fmt: skip
+            setting = f"concurrency {conc}"
+            rows += _measure(backend, template, prompts, responses, "http", setting)
             backend.close()
     finally:
         proc.terminate()
