@@ -1,7 +1,7 @@
 """Judge scoring throughput (responses/s) of the local and HTTP backends on CPU.
 
     .venv/bin/python benchmarks/judge_throughput.py --judge runs/j/judge [--responses 128]
-        [--threads 1] [--json judge_throughput.json]
+        [--threads 1] [--json outputs/benchmarks/judge_throughput.json]
 
 Scores held-out (prompt, response) pairs of the built-in task with the critique judge:
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--batch-sizes", default="16,64")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--json", default="judge_throughput.json")
+    parser.add_argument("--json", default="outputs/benchmarks/judge_throughput.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['logprob_fraction']:9.2f}"
         )
     meta = {"judge": args.judge, "responses": len(prompts), "threads": args.threads}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     print(f"written to {args.json}")
     return 0
