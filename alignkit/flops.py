@@ -21,7 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecoderShape", "decode_flops", "forward_flops", "last_token_flops", "train_flops"]
+__all__ = [
+    "DecoderShape",
+    "decode_flops",
+    "forward_flops",
+    "last_token_flops",
+    "packed_forward_flops",
+    "packed_last_token_flops",
+    "train_flops",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,36 @@ def last_token_flops(shape: DecoderShape, rows: int, seq_len: int) -> float:
     body = DecoderShape(shape.n_layer - 1, d, shape.vocab_size, shape.n_inner)
     last = 4 * d * d * seq_len + 6 * d * d + 4 * seq_len * d + 2 * d * d + 4 * d * f
     return forward_flops(body, rows, seq_len, 0) + float(rows * last)
+
+
+def packed_forward_flops(
+    shape: DecoderShape, tokens: int, rows: int, width: int, logit_positions: int
+) -> float:
+    """A forward over packed sequences (:mod:`alignkit.packing`): the linear layers over the
+    ``N`` distinct tokens (``2 N_params N``), attention over the (M, T) layout
+    (``4 L M T^2 d``) and ``logit_positions`` LM-head rows (``2 d V`` each)."""
+    d = shape.n_embd
+    attention = 4 * shape.n_layer * rows * width * width * d
+    return float(
+        2 * shape.matmul_params * tokens + attention + 2 * d * shape.vocab_size * logit_positions
+    )
+
+
+def packed_last_token_flops(shape: DecoderShape, tokens: int, rows: int, width: int) -> float:
+    """A scalar-head forward over packed sequences (:mod:`alignkit.packing`).
+
+    The linear layers of the first ``L - 1`` layers run over the ``N`` distinct tokens
+    (``2 N_layer N``, ``N_layer`` their matmul weights); their attention over the (M, T)
+    layout (``4 M T^2 d`` per layer). The last layer computes keys and values for the N
+    tokens (``4 d^2 N``) and the rest at each row's read token, attending over T keys.
+    """
+    if shape.n_layer < 1:
+        raise ValueError("a decoder needs at least one layer")
+    d, f = shape.n_embd, shape.mlp_width
+    body = DecoderShape(shape.n_layer - 1, d, shape.vocab_size, shape.n_inner)
+    first = 2 * body.matmul_params * tokens + body.n_layer * 4 * rows * width * width * d
+    last = 4 * d * d * tokens + rows * (6 * d * d + 4 * width * d + 2 * d * d + 4 * d * f)
+    return float(first + last)
 
 
 def train_flops(shape: DecoderShape, rows: int, seq_len: int, logit_positions: int) -> float:

@@ -33,9 +33,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignkit.flops import DecoderShape, forward_flops, last_token_flops
+from alignkit.flops import (
+    DecoderShape,
+    forward_flops,
+    last_token_flops,
+    packed_forward_flops,
+    packed_last_token_flops,
+)
+from alignkit.packing import PackedSequences
 
-__all__ = ["LeanGPT2", "call_observers", "last_token_hidden", "lean_decoder", "observe_only"]
+__all__ = [
+    "LeanGPT2",
+    "call_observers",
+    "last_token_hidden",
+    "lean_decoder",
+    "observe_only",
+    "packed_last_hidden",
+    "packed_logits",
+    "packed_states",
+]
 
 Observer = Callable[[nn.Module, float], None]
 call_observers: list[Observer] = []
@@ -44,6 +60,12 @@ ran and the analytic FLOPs of the call (:mod:`alignkit.flops`; the LM head inclu
 hooks do not run in the lean path; the benchmarks count FLOPs with this instead."""
 
 _OBSERVE_ONLY = "_alignkit_observe_only"
+
+
+def _report_call(trunk: nn.Module, flops: float) -> None:
+    """Tell every observer in :data:`call_observers` about one lean call."""
+    for observer in call_observers:
+        observer(trunk, flops)
 
 
 def observe_only(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,12 +152,24 @@ class _Trunk:
         m = self.act(torch.addmm(blk.fc_b, m.reshape(-1, self.width), blk.fc_w))
         return x + torch.addmm(blk.out_b, m, blk.out_w).view(bsz, new, self.width)
 
+    def qkv_flat(self, blk: _Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, d) tokens -> q, k, v, each (N, H, h)."""
+        a = F.layer_norm(x, (self.width,), blk.ln1_w, blk.ln1_b, self.eps)
+        qkv = torch.addmm(blk.qkv_b, a, blk.qkv_w)
+        q, k, v = qkv.view(-1, 3, self.heads, self.width // self.heads).unbind(1)
+        return q, k, v
+
+    def finish_flat(self, blk: _Block, x: Tensor, att: Tensor) -> Tensor:
+        """(N, d) residual stream after the (N, d) attention output ``att`` and the MLP."""
+        x = x + torch.addmm(blk.proj_b, att, blk.proj_w)
+        m = F.layer_norm(x, (self.width,), blk.ln2_w, blk.ln2_b, self.eps)
+        return x + torch.addmm(blk.out_b, self.act(torch.addmm(blk.fc_b, m, blk.fc_w)), blk.out_w)
+
     def final_norm(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (self.width,), self.lnf_w, self.lnf_b, self.eps)
 
     def report(self, flops: float) -> None:
-        for observer in call_observers:
-            observer(self.module, flops)
+        _report_call(self.module, flops)
 
 
 class LeanGPT2:
@@ -254,6 +288,115 @@ def last_token_hidden(
     if call_observers:
         t.report(last_token_flops(t.shape, bsz, total))
     return out
+
+
+class _PackedAttention:
+    """Attention over a packed batch: per-token q, k, v gathered into the (M, T) row layout."""
+
+    def __init__(self, t: _Trunk, packed: PackedSequences) -> None:
+        self.packed = packed
+        self.heads, self.size = t.heads, t.width // t.heads
+        self.rows, self.width = packed.layout.shape
+        cols = torch.arange(self.width, device=packed.layout.device)
+        self.real = cols[None, :] < packed.lengths[:, None]  # (M, T) key holds a real token
+        # Padding queries see themselves only (finite values nobody reads), as in _causal.
+        causal = cols[None, :] <= cols[:, None]
+        eye = torch.eye(self.width, dtype=torch.bool, device=cols.device)
+        self.mask = (self.real[:, None, None, :] & causal) | eye  # (M, 1, T, T)
+
+    def rows_of(self, flat: Tensor) -> Tensor:
+        """(N, H, h) -> (M, H, T, h), zeros past each row's end."""
+        pad = flat.new_zeros(1, self.heads, self.size)
+        return torch.cat([flat, pad])[self.packed.layout].transpose(1, 2)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(N, H, h) each -> (N, d): every token's output read at its home position."""
+        att = F.scaled_dot_product_attention(
+            self.rows_of(q), self.rows_of(k), self.rows_of(v), attn_mask=self.mask
+        )
+        return att.transpose(1, 2).reshape(self.rows * self.width, -1)[self.packed.home]
+
+
+def _packed_blocks(t: _Trunk, attention: _PackedAttention, blocks: list[_Block]) -> Tensor:
+    """(N, d) residual stream after ``blocks``: linear layers and norms once per token."""
+    packed = attention.packed
+    x = t.embed(packed.tokens, packed.positions)
+    for blk in blocks:
+        x = t.finish_flat(blk, x, attention(*t.qkv_flat(blk, x)))
+    return x
+
+
+def packed_last_hidden(trunk: nn.Module, packed: PackedSequences) -> Tensor | None:
+    """Final hidden state (after ``ln_f``) at each packed row's last token: (M, d).
+
+    The linear layers and layer norms run once per distinct token (N of them, see
+    :mod:`alignkit.packing`); attention gathers each row's queries, keys and values into the
+    (M, T) layout, and every token's output is read back from its home position. As in
+    :func:`last_token_hidden`, the last block runs its query, attention output and MLP only at
+    the read tokens. Equal to the padded forward's ``last_hidden_state`` at each row's last
+    token to float rounding, with autograd; None where the lean maths would not be exact.
+    """
+    if not _plain_trunk(trunk) or _has_hooks(trunk):
+        return None
+    t = _Trunk(trunk)
+    attention = _PackedAttention(t, packed)
+    x = _packed_blocks(t, attention, t.blocks[:-1])
+    blk = t.blocks[-1]
+    _, k, v = t.qkv_flat(blk, x)
+    x_last = x[packed.last()]  # (M, d)
+    q, _, _ = t.qkv_flat(blk, x_last)
+    att = F.scaled_dot_product_attention(
+        q[:, :, None],
+        attention.rows_of(k),
+        attention.rows_of(v),
+        attn_mask=attention.real[:, None, None, :],  # the last token sees its whole row
+    )
+    out = t.final_norm(t.finish_flat(blk, x_last, att.reshape(packed.rows, t.width)))
+    if call_observers:
+        tokens = int(packed.tokens.numel())
+        t.report(packed_last_token_flops(t.shape, tokens, attention.rows, attention.width))
+    return out
+
+
+def packed_states(trunk: nn.Module, packed: PackedSequences, read: Tensor) -> Tensor | None:
+    """Final hidden states (after ``ln_f``) of a ``GPT2Model`` at the packed tokens ``read``.
+
+    Args:
+        trunk: a plain GPT-2 backbone (a policy's ``transformer``, a value model's backbone).
+        packed: the sequences (:mod:`alignkit.packing`).
+        read: (...) flat token indices; N (one past the last token) reads zeros, for
+            positions the caller masks out.
+
+    Returns:
+        (..., d) with autograd, equal to the padded forward's to float rounding; None where
+        the lean maths would not be exact.
+    """
+    if not _plain_trunk(trunk) or _has_hooks(trunk):
+        return None
+    t = _Trunk(trunk)
+    attention = _PackedAttention(t, packed)
+    hidden = t.final_norm(_packed_blocks(t, attention, t.blocks))
+    if call_observers:
+        tokens = int(packed.tokens.numel())
+        t.report(packed_forward_flops(t.shape, tokens, attention.rows, attention.width, 0))
+    return torch.cat([hidden, hidden.new_zeros(1, t.width)])[read]
+
+
+def packed_logits(model: nn.Module, packed: PackedSequences, read: Tensor) -> Tensor | None:
+    """(..., V) logits of a ``GPT2LMHeadModel`` at the packed tokens ``read``.
+
+    Only the read positions go through the LM head; see :func:`packed_states`. None where
+    the lean maths would not be exact (see :func:`lean_decoder`).
+    """
+    if lean_decoder(model) is None:
+        return None
+    hidden = packed_states(model.transformer, packed, read)
+    if hidden is None:
+        return None
+    if call_observers:
+        t = model.transformer
+        _report_call(t, 2.0 * t.config.n_embd * t.config.vocab_size * read.numel())
+    return hidden @ model.lm_head.weight.t()
 
 
 def _plain_trunk(trunk: nn.Module) -> bool:

@@ -33,8 +33,15 @@ from transformers import (
 
 from alignkit.errors import AlignkitError
 from alignkit.io import atomic_directory
-from alignkit.lean_gpt2 import last_token_hidden
+from alignkit.lean_gpt2 import (
+    last_token_hidden,
+    lean_decoder,
+    packed_last_hidden,
+    packed_logits,
+    packed_states,
+)
 from alignkit.ops import entropy_from_logits, logprobs_from_logits
+from alignkit.packing import PackedSequences, pack_sequences
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -46,7 +53,11 @@ __all__ = [
     "disable_dropout",
     "last_token_index",
     "load_causal_lm",
+    "pack_rollout",
+    "packs",
     "position_ids_from_mask",
+    "response_logprobs",
+    "response_read",
     "sequence_logprobs",
     "supports_logits_to_keep",
     "train_tokenizer",
@@ -419,13 +430,94 @@ def sequence_logprobs(
         **kwargs,
     )
     logits = out.logits[:, -(n_resp + 1) : -1]  # (B, R, V): positions P-1 .. T-2
-    labels = input_ids[:, response_start:]
-    valid = attention_mask[:, response_start:].bool()
+    labels, valid = input_ids[:, response_start:], attention_mask[:, response_start:] != 0
+    return _token_logprobs(logits, labels, valid, temperature, return_entropy)
+
+
+def _token_logprobs(
+    logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, return_entropy: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """(B, R) log-probs of ``labels`` (and entropies) under (B, R, V) ``logits``, 0 where
+    ``valid`` is False."""
     logprobs = logprobs_from_logits(logits, labels, temperature).masked_fill(~valid, 0.0)
     if not return_entropy:
         return logprobs
-    entropy = entropy_from_logits(logits, temperature).masked_fill(~valid, 0.0)
-    return logprobs, entropy
+    return logprobs, entropy_from_logits(logits, temperature).masked_fill(~valid, 0.0)
+
+
+def packs(model: nn.Module) -> bool:
+    """Whether :func:`response_logprobs` runs ``model`` packed (a plain GPT-2 LM, no hooks)."""
+    return lean_decoder(model) is not None
+
+
+def pack_rollout(
+    prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+) -> PackedSequences | None:
+    """The rows ``prompt | response`` packed, each distinct prompt once (:mod:`alignkit.packing`).
+
+    Args:
+        prompt_ids: (B, P) left-padded prompts; ``prompt_mask`` (B, P) 1 on real tokens.
+        response_ids: (B, R) right-padded responses; ``response_mask`` (B, R).
+
+    Returns:
+        The packed rows, or None when a prompt is empty or a mask is not one contiguous run
+        on its side (the packed layout assumes both).
+    """
+    p_len, r_len = prompt_mask.sum(1).long(), response_mask.sum(1).long()
+    cols_p = torch.arange(prompt_mask.shape[1], device=prompt_mask.device)
+    cols_r = torch.arange(response_mask.shape[1], device=response_mask.device)
+    left = cols_p[None, :] >= prompt_mask.shape[1] - p_len[:, None]
+    right = cols_r[None, :] < r_len[:, None]
+    if bool((p_len < 1).any()) or not (
+        torch.equal(left, prompt_mask != 0) and torch.equal(right, response_mask != 0)
+    ):
+        return None
+    prefixes = [ids[m].tolist() for ids, m in zip(prompt_ids, left, strict=True)]
+    suffixes = [ids[m].tolist() for ids, m in zip(response_ids, right, strict=True)]
+    return pack_sequences(prefixes, suffixes).to(prompt_ids.device)
+
+
+def response_read(packed: PackedSequences, prompt_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """(B, R) flat index of the token whose output predicts response token r of row b.
+
+    That is row position ``P_b - 1 + r`` (the state before token r is emitted: where a
+    policy's logits and a PPO critic's value are read); N at response padding.
+    """
+    steps = torch.arange(response_mask.shape[1], device=response_mask.device)
+    cols = prompt_mask.sum(1).long()[:, None] - 1 + steps[None, :]
+    read = packed.layout.gather(1, cols.clamp(max=packed.layout.shape[1] - 1))
+    return read.masked_fill(response_mask == 0, packed.tokens.shape[0])
+
+
+def response_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`sequence_logprobs` of ``prompt | response`` rows, packed where the model allows.
+
+    A plain GPT-2 runs packed (:func:`alignkit.lean_gpt2.packed_logits`): the K samples of a
+    prompt share its tokens, and no linear layer runs on padding. The result equals the
+    padded forward's to float rounding; other models run :func:`sequence_logprobs`.
+
+    Returns:
+        (B, R) float32 log-probs (0 at response padding), or ``(logprobs, entropy)``.
+    """
+    packed = pack_rollout(prompt_ids, prompt_mask, response_ids, response_mask)
+    if packed is not None:
+        valid = response_mask != 0
+        logits = packed_logits(model, packed, response_read(packed, prompt_mask, response_mask))
+        if logits is not None:
+            return _token_logprobs(logits, response_ids, valid, temperature, return_entropy)
+    seq = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    return sequence_logprobs(
+        model, seq, mask, prompt_ids.shape[1], temperature, return_entropy=return_entropy
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +577,33 @@ class ScalarHeadModel(nn.Module):
             raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         else:
             raw = self(input_ids, attention_mask).gather(1, index.unsqueeze(-1)).squeeze(1)
+        return (raw - self.mean) / self.std
+
+    def values_packed(self, packed: PackedSequences, read: Tensor) -> Tensor | None:
+        """Raw per-token scalars (as :meth:`forward`) at the packed tokens ``read`` (...).
+
+        None where the backbone has no lean path (see :meth:`score_packed`); ``read`` holds
+        flat token indices, N (one past the last) for positions the caller masks out.
+        """
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
+        hidden = packed_states(self.backbone, packed, read)
+        if hidden is None:
+            return None
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+    def score_packed(self, packed: PackedSequences) -> Tensor | None:
+        """(M,) normalised scalars at each packed row's last token (:mod:`alignkit.packing`).
+
+        None where the backbone has no lean path (not a plain GPT-2, or a hook on this model
+        or its backbone); the caller then scores ``packed.padded(...)`` with :meth:`score`.
+        """
+        if self._forward_hooks or self._forward_pre_hooks:
+            return None
+        hidden = packed_last_hidden(self.backbone, packed)
+        if hidden is None:
+            return None
+        raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         return (raw - self.mean) / self.std
 
     def save_pretrained(

@@ -33,6 +33,7 @@ from alignkit.config import RewardConfig
 from alignkit.data.feedback import PreferenceGroup
 from alignkit.errors import ConfigError
 from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel
+from alignkit.packing import PackedSequences, pack_sequences
 
 if TYPE_CHECKING:
     from alignkit.batch import Rollout
@@ -55,14 +56,15 @@ def model_max_length(model: ScalarHeadModel, limit: int | None = None) -> int:
     return min(sizes) if sizes else 512
 
 
-def encode_texts(
+def encode_parts(
     tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
-) -> list[list[int]]:
-    """Token ids of ``prompt + " " + response + EOS`` per row, at most ``max_length`` long.
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) of ``prompt + " " + response + EOS`` per row.
 
     Prompt and response are tokenised apart (as in SFT), so the response tokens do not depend
-    on how the prompt ends. Too long a sequence loses tokens from the left: the end of the
-    response and the EOS, where the reward is read, are kept.
+    on how the prompt ends, and one prompt's rows share its ids exactly. A row longer than
+    ``max_length`` loses tokens from the left: the end of the response and the EOS, where the
+    reward is read, are kept.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -78,7 +80,19 @@ def encode_texts(
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
     )
-    return [(bos + p + r + eos)[-max_length:] for p, r in zip(p_ids, r_ids, strict=True)]
+    parts = []
+    for p, r in zip(p_ids, r_ids, strict=True):
+        head, tail = bos + p, r + eos
+        cut = max(0, len(head) + len(tail) - max_length)
+        parts.append((head[cut:], tail[max(0, cut - len(head)) :]))
+    return parts
+
+
+def encode_texts(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Token ids of ``prompt + " " + response + EOS`` per row (:func:`encode_parts` joined)."""
+    return [p + r for p, r in encode_parts(tokenizer, prompts, responses, max_length)]
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -267,6 +281,8 @@ class RewardBatch:
     """(G, K) dense ranks, 0 best, equal for ties; padding holds a rank below every real one."""
     targets: Tensor
     """(G, K) float rating targets (standardised), NaN where there is none or padding."""
+    packed: PackedSequences | None = None
+    """The same (M,) rows packed, each prompt's tokens once (:mod:`alignkit.packing`)."""
 
     @property
     def mask(self) -> Tensor:
@@ -317,12 +333,12 @@ def collate_groups(
             rejected.append(int(index[g, b]))
             margins.append(float(margin))
             pair_group.append(g)
-    ids, mask = pad_right(
-        encode_texts(tokenizer, prompts, responses, max_length), _pad_id(tokenizer)
-    )
+    parts = encode_parts(tokenizer, prompts, responses, max_length)
+    ids, mask = pad_right([p + r for p, r in parts], _pad_id(tokenizer))
     return RewardBatch(
         input_ids=ids,
         attention_mask=mask,
+        packed=pack_sequences([p for p, _ in parts], [r for _, r in parts]),
         chosen=torch.tensor(chosen, dtype=torch.long),
         rejected=torch.tensor(rejected, dtype=torch.long),
         margin=torch.tensor(margins, dtype=torch.float32),

@@ -32,7 +32,7 @@ from alignkit.batch import Rollout
 from alignkit.config import AlgorithmConfig
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
-from alignkit.models import sequence_logprobs
+from alignkit.models import packs, response_logprobs
 from alignkit.ops import aggregate_loss, clipped_policy_loss, kl_penalty, masked_mean, masked_sum
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "LossFn",
     "OptimTarget",
     "PolicyLossSpec",
+    "group_sorted",
     "length_sorted",
     "minibatches",
     "policy_gradient_update",
@@ -158,6 +159,7 @@ def run_minibatch_updates(
     max_len: int,
     seed: int = 0,
     lengths: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> dict[str, float]:
     """Epochs x minibatches x gradient accumulation; returns metrics averaged over steps.
 
@@ -174,6 +176,9 @@ def run_minibatch_updates(
             length before it is split into micro-batches, so rows of similar length share a
             forward and less padding is computed (see :func:`policy_logprobs`). Only the
             order of summation of one optimizer step's gradient changes, not its value.
+        groups: (B,) prompt group of each row. Given (in place of ``lengths``), the rows of
+            each minibatch are ordered by group instead, so a packed forward (see
+            :func:`policy_logprobs`) shares each prompt among its samples in a micro-batch.
 
     Returns:
         Each metric of ``loss_fn`` (summed over a minibatch's micro-batches) plus
@@ -198,7 +203,12 @@ def run_minibatch_updates(
                 for optimizer in target.optimizers:
                     optimizer.zero_grad(set_to_none=True)
             step_metrics: dict[str, float] = defaultdict(float)
-            for micro in length_sorted(rows, lengths, minibatch_size).split(minibatch_size):
+            ordered = (
+                length_sorted(rows, lengths, minibatch_size)
+                if groups is None
+                else group_sorted(rows, groups, minibatch_size)
+            )
+            for micro in ordered.split(minibatch_size):
                 loss, metrics = loss_fn(micro, counts)
                 loss.backward()
                 step_metrics["loss/total"] += loss.item()
@@ -224,6 +234,13 @@ def length_sorted(rows: Tensor, lengths: Tensor | None, minibatch_size: int) -> 
         return rows
     order = torch.sort(lengths[rows], descending=True, stable=True).indices
     return rows[order]
+
+
+def group_sorted(rows: Tensor, groups: Tensor, minibatch_size: int) -> Tensor:
+    """``rows`` ordered by ``groups[rows]`` when they span several micro-batches (stable)."""
+    if len(rows) <= minibatch_size:
+        return rows
+    return rows[torch.sort(groups[rows], stable=True).indices]
 
 
 def policy_target(ctx: RunContext) -> OptimTarget:
@@ -255,6 +272,7 @@ def run_update(
     rate this step's updates used.
     """
     rl = ctx.cfg.rl
+    packed = ctx.policy is not None and packs(ctx.policy)
     metrics = run_minibatch_updates(
         loss_fn,
         batch.response_mask,
@@ -265,7 +283,9 @@ def run_update(
         max_len=int(rl.get("max_new_tokens", batch.response_mask.shape[1])),
         # A different shuffle every step, reproducible and resumable without saved state.
         seed=int(ctx.cfg.get("seed", 0)) * 1_000_003 + int(ctx.step),
-        lengths=batch.prompt_mask.sum(1) + batch.response_mask.sum(1),
+        # Packed forwards need no length sorting; grouping lets samples share their prompt.
+        lengths=None if packed else batch.prompt_mask.sum(1) + batch.response_mask.sum(1),
+        groups=batch.group_ids if packed else None,
     )
     if ctx.optimizer is not None:
         metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])  # the rate this step used
@@ -297,25 +317,33 @@ def policy_logprobs(
 
     Uses ``rl.temperature`` like the rollout, so ratios are exactly 1 before any update.
 
-    With ``trim_padding`` the forward skips the columns that are padding in every row of the
-    micro-batch (:func:`used_columns`) and the outputs are zero-padded back to R: positions
-    come from the mask and padded keys are masked out, so dropping a leading all-padding
-    column changes nothing, and no earlier token attends to a trailing one. Results agree
-    with the untrimmed forward to float rounding.
+    A plain GPT-2 policy runs packed (:func:`alignkit.models.response_logprobs`): no linear
+    layer runs on padding and the samples of one prompt share its tokens. Other models run
+    padded; with ``trim_padding`` their forward skips the columns that are padding in every
+    row of the micro-batch (:func:`used_columns`) and the outputs are zero-padded back to R:
+    positions come from the mask and padded keys are masked out, so dropping a leading
+    all-padding column changes nothing, and no earlier token attends to a trailing one.
+    Results agree with the untrimmed forward to float rounding.
     """
     assert ctx.policy is not None
-    seq, seq_mask = batch.sequences()
-    seq, seq_mask = seq[rows], seq_mask[rows]
-    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    p_ids, p_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
+    r_ids, r_mask = batch.response_ids[rows], batch.response_mask[rows]
+    resp_len = r_ids.shape[1]
     first, end = 0, resp_len
     if trim_padding:
-        first, end = used_columns(batch.prompt_mask[rows], batch.response_mask[rows])
-        seq, seq_mask = seq[:, first : prompt_len + end], seq_mask[:, first : prompt_len + end]
-    out = sequence_logprobs(
+        first, end = used_columns(p_mask, r_mask)
+        p_ids, p_mask, r_ids, r_mask = (
+            p_ids[:, first:],
+            p_mask[:, first:],
+            r_ids[:, :end],
+            r_mask[:, :end],
+        )
+    out = response_logprobs(
         ctx.policy,
-        seq,
-        seq_mask,
-        prompt_len - first,
+        p_ids,
+        p_mask,
+        r_ids,
+        r_mask,
         temperature=float(ctx.cfg.rl.temperature),
         return_entropy=True,
     )

@@ -19,6 +19,12 @@ hf_decode
     instead of :mod:`alignkit.lean_gpt2`'s lean GPT-2 path: how alignkit sampled before
     the lean path was adopted, so the row shows what it buys. Same tokens from the same
     generator.
+padded
+    Runs the update, reference, critic and reward-model forwards padded (each row's prompt
+    and response padded to the micro-batch's longest, rows sorted by length, all-padding
+    columns trimmed) instead of packed (:mod:`alignkit.packing`: each distinct token once,
+    a prompt shared by its samples): how alignkit ran them before packing was adopted, so
+    the row shows what packing buys. Same values to float rounding.
 """
 
 from __future__ import annotations
@@ -33,8 +39,12 @@ from transformers.activations import NewGELUActivation
 
 from alignkit import generation
 
-PATCHES = ("fused_gelu", "hf_decode")
+PATCHES = ("fused_gelu", "hf_decode", "padded")
 _GENERATE = generation.generate
+
+
+def _no_pack(*_: Any, **__: Any) -> None:
+    return None
 
 
 def _fused_gelu(self: NewGELUActivation, x: Tensor) -> Tensor:
@@ -53,14 +63,33 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
     if unknown:
         raise SystemExit(f"--patch: unknown {unknown}; choose from {list(PATCHES)}")
     import alignkit_plugins.core as core
+    import alignkit_plugins.ppo as ppo
+
+    from alignkit import models, training
 
     original = NewGELUActivation.forward, generation.generate, core.generate
+    packing = (
+        models.pack_rollout,
+        ppo.pack_rollout,
+        training.packs,
+        models.ScalarHeadModel.score_packed,
+    )
     try:
         if "fused_gelu" in names:
             NewGELUActivation.forward = _fused_gelu  # type: ignore[method-assign]
         if "hf_decode" in names:
             # The rollout plugin imported the function by name; both references change.
             generation.generate = core.generate = generate_hf
+        if "padded" in names:
+            models.pack_rollout = ppo.pack_rollout = _no_pack
+            training.packs = lambda _model: False
+            models.ScalarHeadModel.score_packed = _no_pack  # type: ignore[method-assign]
         yield
     finally:
         NewGELUActivation.forward, generation.generate, core.generate = original
+        (
+            models.pack_rollout,
+            ppo.pack_rollout,
+            training.packs,
+            models.ScalarHeadModel.score_packed,
+        ) = packing

@@ -12,7 +12,7 @@ import torch
 
 from alignkit import Rollout, RunContext, hookimpl
 from alignkit.generation import decode_responses, generate, tokenize_prompts
-from alignkit.models import sequence_logprobs
+from alignkit.models import response_logprobs
 from alignkit.registry import ComponentRegistry
 from alignkit.tasks import AssistTask
 
@@ -74,13 +74,16 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
     )
     if ctx.ref_policy is not None and float(rl.kl_coef) > 0:
         with torch.no_grad():
-            seq, seq_mask = batch.sequences()
-            batch.ref_logprobs = (
-                sequence_logprobs(
-                    ctx.ref_policy, seq, seq_mask, ids.shape[1], temperature=float(rl.temperature)
-                )
-                * batch.response_mask
+            logprobs = response_logprobs(
+                ctx.ref_policy,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.response_ids,
+                batch.response_mask,
+                temperature=float(rl.temperature),
             )
+            assert isinstance(logprobs, torch.Tensor)
+            batch.ref_logprobs = logprobs * batch.response_mask
     return batch
 
 

@@ -37,7 +37,9 @@ from alignkit.kl_control import KLController, kl_controller_from_state, save_kl_
 from alignkit.models import (
     ScalarHeadModel,
     disable_dropout,
+    pack_rollout,
     position_ids_from_mask,
+    response_read,
     supports_logits_to_keep,
 )
 from alignkit.ops import (
@@ -214,6 +216,23 @@ def _head_values(head: nn.Module, hidden: Tensor) -> Tensor:
     return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
 
+def _critic_values(critic: nn.Module, batch: Rollout, rows: Tensor) -> Tensor:
+    """(b, R) raw values of a separate critic at positions P - 1 + t of ``batch[rows]``.
+
+    A plain GPT-2 critic runs packed, like the policy (:func:`alignkit.models.pack_rollout`);
+    any other runs its padded forward over the whole ``prompt | response`` rows.
+    """
+    p_ids, p_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
+    r_mask = batch.response_mask[rows]
+    packed = pack_rollout(p_ids, p_mask, batch.response_ids[rows], r_mask)
+    if packed is not None and isinstance(critic, ScalarHeadModel):
+        values = critic.values_packed(packed, response_read(packed, p_mask, r_mask))
+        if values is not None:
+            return values
+    seq, seq_mask = batch.sequences()
+    return critic(seq[rows], seq_mask[rows])[:, batch.prompt_ids.shape[1] - 1 : -1]
+
+
 def _forward(
     ctx: RunContext, batch: Rollout, rows: Tensor, critic: ValueState
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,7 +247,7 @@ def _forward(
     valid = batch.response_mask[rows] != 0
     if critic.kind == "separate":
         logp, entropy = policy_logprobs(ctx, batch, rows)
-        values = critic.module(seq, seq_mask)[:, start - 1 : -1]
+        values = _critic_values(critic.module, batch, rows)
         return logp, entropy, torch.where(valid, values, 0.0)
     # shared: one policy forward gives the logits and the last hidden state.
     out = _policy_forward(ctx, seq, seq_mask, keep=length + 1)
@@ -248,7 +267,7 @@ def rollout_values(ctx: RunContext, batch: Rollout, critic: ValueState) -> Tenso
     chunks = []
     for rows in torch.arange(batch.num_rows).split(int(ctx.cfg.algorithm.minibatch_size)):
         if critic.kind == "separate":
-            chunks.append(critic.module(seq[rows], seq_mask[rows])[:, start - 1 : -1])
+            chunks.append(_critic_values(critic.module, batch, rows))
         else:
             # shared: the head reads the policy's hidden states; one logit column suffices.
             out = _policy_forward(ctx, seq[rows], seq_mask[rows], keep=1)

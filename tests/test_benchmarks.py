@@ -18,6 +18,8 @@ from alignkit.flops import (
     decode_flops,
     forward_flops,
     last_token_flops,
+    packed_forward_flops,
+    packed_last_token_flops,
     train_flops,
 )
 from alignkit.generation import GenerationOutput, generate
@@ -134,6 +136,35 @@ def test_last_token_flops_by_hand() -> None:
     # MLP 4*4*16 = 256.
     assert last_token_flops(SHAPE, rows=1, seq_len=3) == 1152 + 144 + 192 + 96 + 48 + 32 + 256
     assert last_token_flops(SHAPE, rows=2, seq_len=3) == 2 * last_token_flops(SHAPE, 1, 3)
+
+
+def test_packed_last_token_flops_by_hand() -> None:
+    # 6 distinct tokens in 3 rows of width 4 (d=4, f=16, L=2): layer 0's linear layers
+    # 2*192*6 = 2304 and attention 4*3*4*4*4 = 768; last layer K,V 4*16*6 = 384, then per row
+    # QKV 96 + attention 4*4*4 = 64 + projection 32 + MLP 256 = 448, x3 = 1344.
+    assert packed_last_token_flops(SHAPE, tokens=6, rows=3, width=4) == 2304 + 768 + 384 + 1344
+    # One unshared row is the padded last-token forward.
+    assert packed_last_token_flops(SHAPE, 3, 1, 3) == last_token_flops(SHAPE, rows=1, seq_len=3)
+
+
+def test_packed_forward_flops_by_hand() -> None:
+    # linear layers 2*384*6 = 4608, attention 4*2 layers*3 rows*4^2*4 = 1536, head 2*4*10*5
+    assert packed_forward_flops(SHAPE, tokens=6, rows=3, width=4, logit_positions=5) == 6544
+
+
+def test_counter_counts_the_packed_policy_forward(tmp_path: Path) -> None:
+    from alignkit.models import response_logprobs
+
+    model = tiny_gpt2().train()
+    counter = FlopCounter().attach(model, "policy")
+    prompts, responses = torch.tensor([[1, 2], [1, 2]]), torch.tensor([[3, 4], [5, 0]])
+    logp = response_logprobs(
+        model, prompts, torch.ones_like(prompts), responses, torch.tensor([[1, 1], [1, 0]])
+    )
+    logp.sum().backward()
+    # 5 distinct tokens (the prompt once) in 2 rows of width 4, 2 x 2 read positions
+    assert counter.total("policy", grad=True) == 3 * (3840 + 1024 + 320)
+    counter.detach()
 
 
 def test_counter_counts_the_lean_reward_forward_as_a_training_pass(tmp_path: Path) -> None:

@@ -176,6 +176,10 @@ def test_collate_runs_a_shared_response_once() -> None:
     assert batch.input_ids.shape[0] == 3  # (p, a), (p, b), (p, c)
     assert batch.index.tolist() == [[0, 1, 2], [1, 0, -1]]
     assert batch.chosen.tolist() == [0, 0, 1] and batch.rejected.tolist() == [1, 2, 0]
+    # Packed, the prompt "p" is one token shared by the three rows: 1 + 3 * (" x" + EOS).
+    assert batch.packed is not None and batch.packed.tokens.numel() == 1 + 3 * 3
+    ids, mask = batch.packed.padded(pad_id=0)
+    assert torch.equal(ids, batch.input_ids) and torch.equal(mask, batch.attention_mask)
 
 
 class _CharTokenizer:

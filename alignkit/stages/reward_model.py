@@ -45,6 +45,7 @@ from alignkit.models import ScalarHeadModel
 from alignkit.optim import adamw
 from alignkit.reward_models import (
     EnsembleScorer,
+    RewardBatch,
     RewardLoss,
     RewardScorer,
     Scorer,
@@ -235,6 +236,18 @@ def score_by_length(model: ScalarHeadModel, ids: Tensor, mask: Tensor, rows: int
     return torch.cat(pieces)[torch.argsort(order)]
 
 
+def _score_batch(
+    model: ScalarHeadModel, batch: RewardBatch, ids: Tensor, mask: Tensor, rows: int
+) -> Tensor:
+    """(M,) scores of a training batch: packed (each prompt's tokens once) where the backbone
+    has the lean path, else padded in length-sorted chunks."""
+    if batch.packed is not None:
+        scores = model.score_packed(batch.packed.to(ids.device))
+        if scores is not None:
+            return scores
+    return score_by_length(model, ids, mask, rows)
+
+
 def train_reward_model(
     model: ScalarHeadModel,
     tokenizer: Any,
@@ -285,9 +298,10 @@ def train_reward_model(
             with backend.autocast():
                 ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
                 if backend.distributed:  # every forward is collective: one per rank and step
-                    rewards = model.score(ids, mask).float().cpu()
+                    rewards = model.score(ids, mask)
                 else:
-                    rewards = score_by_length(model, ids, mask, settings.score_rows).float().cpu()
+                    rewards = _score_batch(model, batch, ids, mask, settings.score_rows)
+                rewards = rewards.float().cpu()
             loss = loss_fn(rewards, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
