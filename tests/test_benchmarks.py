@@ -381,3 +381,24 @@ def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens(
     assert torch.equal(lean.response_ids, hf.response_ids)
     assert torch.equal(lean.response_mask, hf.response_mask)
     torch.testing.assert_close(lean.logprobs, hf.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
+    from alignkit import models, training
+    from alignkit.lean_gpt2 import observe_only
+
+    model = tiny_gpt2()
+    calls: list[int] = []
+    model.register_forward_pre_hook(observe_only(lambda *_: calls.append(1)))
+    prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6]])
+    p_mask = (prompts != 0).long()
+    responses = torch.tensor([[3, 4, 0], [5, 6, 7], [8, 0, 0]])
+    r_mask = (responses != 0).float()
+    packed = models.response_logprobs(model, prompts, p_mask, responses, r_mask)
+    assert calls == [] and training.packs(model)
+    with apply_patches(["padded"]):
+        padded = models.response_logprobs(model, prompts, p_mask, responses, r_mask)
+        assert not training.packs(model)
+    assert calls == [1]  # the model's own (padded) forward ran under the patch
+    assert training.packs(model) and models.pack_rollout(prompts, p_mask, responses, r_mask)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
