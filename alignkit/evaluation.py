@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from alignkit.generation import decode_responses, generate, tokenize_prompts
-from alignkit.models import sequence_logprobs
+from alignkit.models import response_logprobs
 
 
 @dataclass
@@ -112,11 +112,15 @@ def sequence_kl(
     total, rows = 0.0, samples.response_ids.shape[0]
     for start in range(0, rows, batch_size):
         sl = slice(start, start + batch_size)
-        ids = torch.cat([samples.prompt_ids[sl], samples.response_ids[sl]], dim=1)
-        mask = torch.cat([samples.prompt_mask[sl], samples.response_mask[sl]], dim=1)
-        p = samples.prompt_ids.shape[1]
-        lp = sequence_logprobs(policy, ids, mask, p, temperature=temperature)
-        lr = sequence_logprobs(reference, ids, mask, p, temperature=temperature)
+        rows_of = (
+            samples.prompt_ids[sl],
+            samples.prompt_mask[sl],
+            samples.response_ids[sl],
+            samples.response_mask[sl],
+        )
+        lp = response_logprobs(policy, *rows_of, temperature=temperature)
+        lr = response_logprobs(reference, *rows_of, temperature=temperature)
+        assert isinstance(lp, torch.Tensor) and isinstance(lr, torch.Tensor)
         total += ((lp - lr) * samples.response_mask[sl]).sum().item()
     return total / max(rows, 1)
 

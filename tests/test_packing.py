@@ -197,3 +197,20 @@ def test_group_sorted_orders_rows_by_prompt() -> None:
     # stable: rows of one group keep their shuffled order
     assert group_sorted(rows, groups, minibatch_size=2).tolist() == [0, 1, 3, 2, 5, 4]
     assert group_sorted(rows, groups, minibatch_size=6).tolist() == rows.tolist()
+
+
+def test_sequence_kl_sums_the_log_ratio_of_each_response() -> None:
+    from alignkit.evaluation import Samples, sequence_kl
+
+    policy, reference = _lm(), _lm(layers=1)
+    p_ids, p_mask, r_ids, r_mask = _rollout_rows(50)
+    samples = Samples([None] * 6, [""] * 6, p_ids, p_mask, r_ids, r_mask)
+    seq, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask.long()], 1)
+    with torch.no_grad():
+        lp = sequence_logprobs(policy, seq, mask, 5)
+        lr = sequence_logprobs(reference, seq, mask, 5)
+    # mean over the 6 responses of sum_t (log pi - log ref), padding excluded
+    want = float(((lp - lr) * r_mask).sum() / 6)
+    got = sequence_kl(policy, reference, samples, batch_size=4)  # two batches: 4 + 2 rows
+    assert got == pytest.approx(want, abs=1e-5)
+    assert sequence_kl(policy, policy, samples) == pytest.approx(0.0, abs=1e-6)
