@@ -98,7 +98,9 @@ class RLConfig:
     """The online RL loop shared by every algorithm."""
 
     steps: int = 50
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
+    """Prompts per RL step. 32: on the built-in task the gold win-rate of PPO's policy rose
+    from about 0.59-0.61 at 16 to 0.62-0.64 at the same 50 steps (README)."""
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0
