@@ -472,8 +472,10 @@ def pack_rollout(
         torch.equal(left, prompt_mask != 0) and torch.equal(right, response_mask != 0)
     ):
         return None
-    prefixes = [ids[m].tolist() for ids, m in zip(prompt_ids, left, strict=True)]
-    suffixes = [ids[m].tolist() for ids, m in zip(response_ids, right, strict=True)]
+    # The layout is built on the host: one copy of each tensor, not one device sync per row.
+    p_ids, r_ids, left, right = (t.cpu() for t in (prompt_ids, response_ids, left, right))
+    prefixes = [ids[m].tolist() for ids, m in zip(p_ids, left, strict=True)]
+    suffixes = [ids[m].tolist() for ids, m in zip(r_ids, right, strict=True)]
     return pack_sequences(prefixes, suffixes).to(prompt_ids.device)
 
 
