@@ -10,13 +10,17 @@ tensor per layer written in place, and the padding mask is built once per batch.
 is Radford et al. (2019)'s pre-LN block, identical to ``GPT2Block`` in eval mode:
 ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``, causal attention scaled by 1/sqrt(h).
 
-Two uses:
+Three uses:
 
 * :func:`lean_decoder` for sampling (:func:`alignkit.generation.generate`);
 * :func:`last_token_hidden` for reward models, which read one hidden state per row: the
   last block computes keys and values for every position but its query, attention output,
   MLP and final layer norm only at that row's last token, so the work of the last block's
-  other positions (most of a quarter of a 4-layer model's forward and backward) is skipped.
+  other positions (most of a quarter of a 4-layer model's forward and backward) is skipped;
+* packed forwards (:func:`packed_last_hidden`, :func:`packed_states`,
+  :func:`packed_logits`) over :mod:`alignkit.packing`'s layout, for training and scoring:
+  each distinct token through the linear layers once, so a prompt shared by K samples is
+  computed once and padding not at all.
 
 Both return None for anything they cannot reproduce exactly (another architecture, LoRA or
 FSDP wrappers, active dropout, attention variants, a forward hook that may change outputs),
