@@ -392,7 +392,7 @@ def packed_logits(model: nn.Module, packed: PackedSequences, read: Tensor) -> Te
     Only the read positions go through the LM head; see :func:`packed_states`. None where
     the lean maths would not be exact (see :func:`lean_decoder`).
     """
-    if lean_decoder(model) is None:
+    if not _plain_lm(model):
         return None
     hidden = packed_states(model.transformer, packed, read)
     if hidden is None:
@@ -433,15 +433,19 @@ def _plain_trunk(trunk: nn.Module) -> bool:
 
 def lean_decoder(model: nn.Module) -> LeanGPT2 | None:
     """A :class:`LeanGPT2` over ``model``'s weights, or None where it would not be exact."""
+    return LeanGPT2(model) if _plain_lm(model) else None
+
+
+def _plain_lm(model: nn.Module) -> bool:
+    """A ``GPT2LMHeadModel`` (not a subclass, peft or FSDP wrapper) with a plain trunk and no
+    hook that may change outputs."""
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    if type(model) is not GPT2LMHeadModel:  # subclasses, peft and FSDP wrappers differ
-        return None
-    if not _plain_trunk(model.transformer) or _has_hooks(model):
-        return None
-    return LeanGPT2(model)
+        return False
+    if type(model) is not GPT2LMHeadModel:
+        return False
+    return _plain_trunk(model.transformer) and not _has_hooks(model)
 
 
 def _has_hooks(model: nn.Module) -> bool:

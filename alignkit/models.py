@@ -569,17 +569,25 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
         index = last_token_index(attention_mask)
-        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2);
-        # a hook on this module (e.g. FSDP's) expects its forward to run.
-        hooked = bool(self._forward_hooks or self._forward_pre_hooks)
+        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2).
         hidden = (
-            None if hooked else last_token_hidden(self.backbone, input_ids, attention_mask, index)
+            last_token_hidden(self.backbone, input_ids, attention_mask, index)
+            if self._lean_allowed()
+            else None
         )
         if hidden is not None:
-            raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+            raw = self._raw(hidden)
         else:
             raw = self(input_ids, attention_mask).gather(1, index.unsqueeze(-1)).squeeze(1)
         return (raw - self.mean) / self.std
+
+    def _lean_allowed(self) -> bool:
+        """False when a hook on this module (e.g. FSDP's) expects its forward to run."""
+        return not (self._forward_hooks or self._forward_pre_hooks)
+
+    def _raw(self, hidden: Tensor) -> Tensor:
+        """(..., H) final hidden states -> (...) raw head outputs, in the head's precision."""
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
     def values_packed(self, packed: PackedSequences, read: Tensor) -> Tensor | None:
         """Raw per-token scalars (as :meth:`forward`) at the packed tokens ``read`` (...).
@@ -587,12 +595,8 @@ class ScalarHeadModel(nn.Module):
         None where the backbone has no lean path (see :meth:`score_packed`); ``read`` holds
         flat token indices, N (one past the last) for positions the caller masks out.
         """
-        if self._forward_hooks or self._forward_pre_hooks:
-            return None
-        hidden = packed_states(self.backbone, packed, read)
-        if hidden is None:
-            return None
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        hidden = packed_states(self.backbone, packed, read) if self._lean_allowed() else None
+        return None if hidden is None else self._raw(hidden)
 
     def score_packed(self, packed: PackedSequences) -> Tensor | None:
         """(M,) normalised scalars at each packed row's last token (:mod:`alignkit.packing`).
@@ -600,13 +604,8 @@ class ScalarHeadModel(nn.Module):
         None where the backbone has no lean path (not a plain GPT-2, or a hook on this model
         or its backbone); the caller then scores ``packed.padded(...)`` with :meth:`score`.
         """
-        if self._forward_hooks or self._forward_pre_hooks:
-            return None
-        hidden = packed_last_hidden(self.backbone, packed)
-        if hidden is None:
-            return None
-        raw = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-        return (raw - self.mean) / self.std
+        hidden = packed_last_hidden(self.backbone, packed) if self._lean_allowed() else None
+        return None if hidden is None else (self._raw(hidden) - self.mean) / self.std
 
     def save_pretrained(
         self,

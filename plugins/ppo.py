@@ -241,15 +241,15 @@ def _forward(
     ``V_t`` is read at position P - 1 + t, the state *before* response token t is emitted,
     the same position whose logits give log pi(y_t).
     """
-    seq, seq_mask = batch.sequences()
-    seq, seq_mask = seq[rows], seq_mask[rows]
-    start, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     valid = batch.response_mask[rows] != 0
     if critic.kind == "separate":
         logp, entropy = policy_logprobs(ctx, batch, rows)
         values = _critic_values(critic.module, batch, rows)
         return logp, entropy, torch.where(valid, values, 0.0)
     # shared: one policy forward gives the logits and the last hidden state.
+    seq, seq_mask = batch.sequences()
+    seq, seq_mask = seq[rows], seq_mask[rows]
+    start, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     out = _policy_forward(ctx, seq, seq_mask, keep=length + 1)
     temperature = float(ctx.cfg.rl.temperature)
     logits = out.logits[:, -(length + 1) : -1]
