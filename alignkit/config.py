@@ -73,7 +73,12 @@ class TaskConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
+    steps: int = 600
+    """Optimiser steps (``batch_size`` demonstrations each). 600 because RL, the reward model
+    and their win-rate all build on what SFT learned: on the built-in task, from 300 to 600
+    steps the SFT policy's held-out gold score went 0.25 -> 0.33, the reward model trained on
+    its samples agreed with gold on 0.81 -> 0.85 of held-out pairs, and PPO's gold win-rate
+    over its own SFT policy went 0.63-0.65 -> 0.70 (README); 1000 steps gave 0.71."""
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -97,7 +102,11 @@ class OptimConfig:
 class RLConfig:
     """The online RL loop shared by every algorithm."""
 
-    steps: int = 50
+    steps: int = 75
+    """RL steps (each: rollout, reward, advantage, update). 75 because GRPO, whose advantages
+    are standardised per group, still gained after step 50 on the built-in task: gold win-rate
+    over the 600-step SFT policy 0.647-0.652 at 50 steps (four runs) against 0.651-0.671 at 75
+    (two); PPO went 0.70 -> 0.71 and RLOO 0.69 -> 0.70."""
     prompts_per_step: int = 32
     """Prompts per RL step. 32: on the built-in task the gold win-rate of PPO's policy rose
     from about 0.59-0.61 at 16 to 0.62-0.64 at the same 50 steps (README)."""
@@ -111,7 +120,9 @@ class RLConfig:
 
     0.2 per token because the learned reward is normalised to unit std and responses are a
     few tokens long: on the built-in task's default pipeline PPO at 0.05 over-optimised the
-    reward model (gold win-rate 0.52, KL 2.1 nats), at 0.2 it did not (0.59, KL 0.68)."""
+    reward model (gold win-rate 0.52, KL 2.1 nats), at 0.2 it did not (0.59, KL 0.68). With
+    the K = 32 reward model (README) 0.2 stayed best: 0.64-0.65 against 0.63 at 0.1 and 0.62
+    at 0.3."""
     kl_estimator: str = "k1"
     checkpoint_every: int = 20
     """Write a checkpoint every N steps (0: only at the end)."""

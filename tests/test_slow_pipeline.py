@@ -25,7 +25,8 @@ def test_default_sft_budget_lifts_the_gold_score(tmp_path: Path) -> None:
 
 def test_pipeline_at_a_smaller_rl_budget_raises_the_gold_score(tmp_path: Path) -> None:
     """SFT -> feedback -> reward model -> 20 PPO steps: the gold oracle improves, not only the
-    learned reward (measured: gold 0.27 -> 0.38, win-rate 0.56, KL 0.56 nats)."""
+    learned reward (measured at the 600-step SFT default, one thread: gold 0.33 -> 0.61,
+    win-rate 0.66, KL 0.90 nats)."""
     proc = run_cli(
         ["rl.steps=20", "rl.kl_coef=0.2", "logger=none", f"run_dir={tmp_path}"],
         env=cli_env(OMP_NUM_THREADS="2"),
