@@ -25,6 +25,10 @@ padded
     columns trimmed) instead of packed (:mod:`alignkit.packing`: each distinct token once,
     a prompt shared by its samples): how alignkit ran them before packing was adopted, so
     the row shows what packing buys. Same values to float rounding.
+index_gather
+    Gathers the packed layout with advanced indexing (``x[index]``) instead of
+    ``index_select`` (``alignkit.lean_gpt2._take``): how the packed forwards gathered before.
+    Same values; the backward accumulates with ``index_put_``, which the CPU runs serially.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.activations import NewGELUActivation
 
-from alignkit import generation
+from alignkit import generation, lean_gpt2
 
-PATCHES = ("fused_gelu", "hf_decode", "padded")
+PATCHES = ("fused_gelu", "hf_decode", "padded", "index_gather")
 _GENERATE = generation.generate
 
 
@@ -49,6 +53,10 @@ def _no_pack(*_: Any, **__: Any) -> None:
 
 def _fused_gelu(self: NewGELUActivation, x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def _index_gather(x: Tensor, index: Tensor) -> Tensor:
+    return x[index]
 
 
 def generate_hf(*args: Any, **kwargs: Any) -> Any:
@@ -67,7 +75,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
 
     from alignkit import models, training
 
-    original = NewGELUActivation.forward, generation.generate, core.generate
+    original = NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take
     packing = (
         models.pack_rollout,
         ppo.pack_rollout,
@@ -84,9 +92,11 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
             models.pack_rollout = ppo.pack_rollout = _no_pack
             training.packs = lambda _model: False
             models.ScalarHeadModel.score_packed = _no_pack  # type: ignore[method-assign]
+        if "index_gather" in names:
+            lean_gpt2._take = _index_gather
         yield
     finally:
-        NewGELUActivation.forward, generation.generate, core.generate = original
+        NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take = original
         (
             models.pack_rollout,
             ppo.pack_rollout,

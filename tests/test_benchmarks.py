@@ -402,3 +402,31 @@ def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
     assert calls == [1]  # the model's own (padded) forward ran under the patch
     assert training.packs(model) and models.pack_rollout(prompts, p_mask, responses, r_mask)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_index_gather_patch_gathers_by_advanced_indexing_with_the_same_values_and_grads() -> None:
+    from alignkit import lean_gpt2, models
+
+    model = tiny_gpt2()
+    prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6]])
+    p_mask = (prompts != 0).long()
+    responses = torch.tensor([[3, 4, 0], [5, 6, 7], [8, 0, 0]])
+    r_mask = (responses != 0).float()
+
+    def logprobs_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = models.response_logprobs(model, prompts, p_mask, responses, r_mask)
+        assert isinstance(out, torch.Tensor)
+        out.sum().backward()
+        grad = model.transformer.h[0].attn.c_attn.weight.grad
+        assert grad is not None
+        return out.detach(), grad.clone()
+
+    take = lean_gpt2._take
+    selected = logprobs_and_grad()
+    with apply_patches(["index_gather"]):
+        assert lean_gpt2._take is not take
+        indexed = logprobs_and_grad()
+    assert lean_gpt2._take is take
+    torch.testing.assert_close(selected[0], indexed[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(selected[1], indexed[1], atol=1e-6, rtol=1e-5)

@@ -214,3 +214,25 @@ def test_sequence_kl_sums_the_log_ratio_of_each_response() -> None:
     got = sequence_kl(policy, reference, samples, batch_size=4)  # two batches: 4 + 2 rows
     assert got == pytest.approx(want, abs=1e-5)
     assert sequence_kl(policy, policy, samples) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_take_gathers_rows_like_advanced_indexing_with_the_same_gradient() -> None:
+    from alignkit.lean_gpt2 import _take
+
+    x = torch.arange(12.0).reshape(4, 3).requires_grad_(True)
+    index = torch.tensor([[3, 0, 0], [1, 3, 2]])  # repeated rows: their gradients add
+    out = _take(x, index)
+    assert out.shape == (2, 3, 3)
+    assert torch.equal(out, x.detach()[index])
+    weights = torch.arange(18.0).reshape(2, 3, 3)
+    (out * weights).sum().backward()
+    # Hand-computed: row 0 is read at (0, 1) and (0, 2), row 3 at (0, 0) and (1, 1).
+    expected = torch.stack(
+        [
+            weights[0, 1] + weights[0, 2],
+            weights[1, 0],
+            weights[1, 2],
+            weights[0, 0] + weights[1, 1],
+        ]
+    )
+    assert x.grad is not None and torch.equal(x.grad, expected)
