@@ -22,7 +22,7 @@ Three uses:
   each distinct token through the linear layers once, so a prompt shared by K samples is
   computed once and padding not at all.
 
-Both return None for anything they cannot reproduce exactly (another architecture, LoRA or
+All return None for anything they cannot reproduce exactly (another architecture, LoRA or
 FSDP wrappers, active dropout, attention variants, a forward hook that may change outputs),
 and the caller then runs the model's own forward.
 """
