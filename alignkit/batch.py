@@ -64,6 +64,10 @@ class Rollout:
     """(B, R) float32: value targets (critic-based methods only)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Free-form per-step data that one algorithm's hooks pass between themselves."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds this process spent in named parts of a phase, keyed by metric name (the core
+    rollout's ``time/rollout/generation`` and ``time/rollout/ref``). The engine logs them
+    beside the phase times; they are parts of a phase, so ``time/step`` does not add them."""
 
     @property
     def num_rows(self) -> int:

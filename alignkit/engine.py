@@ -271,6 +271,7 @@ class Engine:
         records = self.sampler.next(int(self.cfg.prompts_per_step))
         batch: Rollout = pm.call("rollout", ctx=ctx, records=ctx.backend.shard(records))
         _check_batch(batch, "rollout", pm.implementers("rollout")[0])
+        parts = dict(batch.timings)  # this rank's own; the gathered batch starts afresh
         if ctx.backend.distributed:
             batch = gather_rollout(ctx, batch)
         timings["time/rollout"] = time.perf_counter() - t
@@ -297,7 +298,7 @@ class Engine:
         update_metrics = pm.call("update", ctx=ctx, batch=batch) or {}
         timings["time/update"] = time.perf_counter() - t
 
-        metrics = {**batch_metrics(batch), **update_metrics, **timings}
+        metrics = {**batch_metrics(batch), **update_metrics, **timings, **parts}
         metrics["time/step"] = sum(timings.values())
         pm.call("step_end", ctx=ctx, step=step, batch=batch, metrics=metrics)
         every = int(self.cfg.samples_every)

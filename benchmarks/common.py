@@ -45,23 +45,6 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-class ForwardTimer:
-    """Accumulates wall time spent in a module's forward (hooks on the outermost call)."""
-
-    def __init__(self, module: torch.nn.Module | None) -> None:
-        self.seconds = 0.0
-        self._start = 0.0
-        if module is not None:
-            module.register_forward_pre_hook(self._before)
-            module.register_forward_hook(self._after)
-
-    def _before(self, *_: Any) -> None:
-        self._start = time.perf_counter()
-
-    def _after(self, *_: Any) -> None:
-        self.seconds += time.perf_counter() - self._start
-
-
 @dataclass(frozen=True)
 class MatmulShape:
     """One ``(rows x inner) @ (inner x out)`` product of the model, as a FLOP share."""

@@ -18,6 +18,7 @@ import itertools
 import random
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ import torch
 
 from alignkit.data.feedback import PreferenceGroup, RankingFeedback, to_groups
 from alignkit.tasks import QUALITIES, AssistTask
-from benchmarks.common import ForwardTimer
 from benchmarks.flop_counter import FlopCounter
 
 PHASES = ("generation", "reward", "ref", "old", "value", "update")
@@ -138,7 +138,7 @@ def compose_rl(
 
 
 def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[str, Any]:
-    """``engine.step`` of PPO or GRPO, phases timed by the engine and forward hooks."""
+    """``engine.step`` of PPO or GRPO, phases timed by the engine and the core rollout."""
     from alignkit.context import RunContext
     from alignkit.engine import Engine
     from alignkit.stages.common import build_task, seed_everything, train_prompts
@@ -165,27 +165,32 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
         critic_module = critic.module if critic is not None else None
         counter = FlopCounter().attach(rl_ctx.policy, "policy").attach(rl_ctx.ref_policy, "ref")
         counter.attach(critic_module, "value")
-        ref_timer = ForwardTimer(rl_ctx.ref_policy)
+        phase_flops = _count_by_phase(plugins, counter)
         totals = dict.fromkeys(PHASES, 0.0)
         flops = dict.fromkeys(PHASES, 0.0)
         tokens = 0.0
         step_seconds = []
         for step in range(args.warmup + args.steps):
-            ref_timer.seconds = 0.0
             counter.reset()
+            phase_flops.clear()
             metrics = engine.step(step)
             if step < args.warmup:
                 continue
             step_seconds.append(metrics["time/step"])
-            totals["generation"] += metrics["time/rollout"] - ref_timer.seconds
-            totals["ref"] += ref_timer.seconds
+            # The rollout times its reference forward itself: a forward hook on the reference
+            # model would turn its lean packed forward off (lean_gpt2._has_hooks).
+            ref = metrics.get("time/rollout/ref", 0.0)
+            totals["generation"] += metrics["time/rollout"] - ref
+            totals["ref"] += ref
             totals["reward"] += metrics["time/reward"]
             totals["value"] += metrics["time/advantage"]  # PPO: the critic's rollout forward
             totals["update"] += metrics["time/update"]
-            flops["generation"] += counter.total("policy", grad=False)
+            flops["generation"] += phase_flops["rollout"] - counter.total("ref")
             flops["ref"] += counter.total("ref")
-            flops["value"] += counter.total("value", grad=False)
-            flops["update"] += counter.total("policy", grad=True) + counter.total("value", True)
+            # PPO's critic: its rollout forward, or its whole step where it learns from that
+            # forward (``algorithm.value_forward_once``); the update's is in ``update``.
+            flops["value"] += phase_flops["advantage"]
+            flops["update"] += phase_flops["update"]
             tokens += metrics["response/length"] * args.prompts * args.samples
         n = args.steps
         seconds = {k: v / n for k, v in totals.items()}
@@ -200,6 +205,22 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
             "step_seconds": step_seconds,
             "last_metrics": {k: float(v) for k, v in metrics.items() if not k.startswith("time/")},
         }
+
+
+def _count_by_phase(plugins: Any, counter: FlopCounter) -> dict[str, float]:
+    """Route the FLOPs of each phase hook the engine calls into the returned dict, by hook."""
+    by_hook: dict[str, float] = defaultdict(float)
+    call = plugins.call
+
+    def counted(hook: str, **kwargs: Any) -> Any:
+        before = counter.total()
+        try:
+            return call(hook, **kwargs)
+        finally:
+            by_hook[hook] += counter.total() - before
+
+    plugins.call = counted
+    return by_hook
 
 
 # --------------------------------------------------------------------------------------------

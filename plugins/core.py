@@ -6,6 +6,7 @@ it (an offline method reads stored pairs instead of sampling).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -37,8 +38,10 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
 
     Prompts are left-padded; sampling uses the KV cache and the run's seeded generator; the
     sampling log-probs are taken once here (from ``logits / temperature``), and the reference
-    log-probs only when a KL term is configured (``rl.kl_coef > 0``).
+    log-probs only when a KL term is configured (``rl.kl_coef > 0``). The seconds of sampling and
+    of the reference forward are logged as ``time/rollout/generation`` and ``time/rollout/ref``.
     """
+    start = time.perf_counter()
     rl, tok, policy = ctx.cfg.rl, ctx.tokenizer, ctx.policy
     group = int(rl.samples_per_prompt)
     texts = [ctx.task.format_prompt(r) for r in records]
@@ -60,6 +63,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         generator=ctx.generator,
     )
     policy.train(was_training)
+    generated = time.perf_counter()
     batch = Rollout(
         prompt_ids=ids,
         prompt_mask=mask,
@@ -72,7 +76,9 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         finished=out.finished,
         logprobs=out.logprobs,
     )
+    batch.timings["time/rollout/generation"] = generated - start
     if ctx.ref_policy is not None and float(rl.kl_coef) > 0:
+        start = time.perf_counter()
         with torch.no_grad():
             logprobs = response_logprobs(
                 ctx.ref_policy,
@@ -84,6 +90,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
             )
             assert isinstance(logprobs, torch.Tensor)
             batch.ref_logprobs = logprobs * batch.response_mask
+        batch.timings["time/rollout/ref"] = time.perf_counter() - start
     return batch
 
 

@@ -50,6 +50,12 @@ def test_rl_and_eval_stages_write_their_headline_numbers(sft_run: Path, tmp_path
     assert [r["step"] for r in rl_rows] == [0, 1, 2]
     for key in ("reward/total", "reward/gold", "loss/policy", "kl/ref", "time/rollout"):
         assert key in rl_rows[0]
+    for row in rl_rows:  # the rollout's parts: sampling and the reference forward
+        parts = row["time/rollout/generation"], row["time/rollout/ref"]
+        assert min(parts) > 0 and sum(parts) <= row["time/rollout"]
+        assert row["time/step"] == pytest.approx(
+            sum(row[f"time/{p}"] for p in ("rollout", "reward", "advantage", "update"))
+        )
     ckpts = rl_dir / "rl" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000003"
 
