@@ -264,12 +264,14 @@ def run_update(
     minibatch_size: int,
     grad_accum_steps: int,
     targets: Sequence[OptimTarget] | None = None,
+    step_schedule: bool = True,
 ) -> dict[str, float]:
     """:func:`run_minibatch_updates` for a run, then one learning-rate schedule step.
 
     The schedule steps once per RL step, not per optimizer step: its horizon is ``rl.steps``
     (see ``alignkit.stages.rl``), whatever the number of minibatches. Adds ``lr``, the
-    rate this step's updates used.
+    rate this step's updates used. ``step_schedule=False`` leaves the schedule to a later
+    call of the same step (a model trained before the policy, such as PPO's critic).
     """
     rl = ctx.cfg.rl
     packed = ctx.policy is not None and packs(ctx.policy)
@@ -289,7 +291,7 @@ def run_update(
     )
     if ctx.optimizer is not None:
         metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])  # the rate this step used
-    if ctx.scheduler is not None:
+    if ctx.scheduler is not None and step_schedule:
         ctx.scheduler.step()
     return metrics
 

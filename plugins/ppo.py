@@ -18,6 +18,10 @@ valid tokens of the batch. The loss minimised over ``ppo_epochs`` passes of mini
 with ``rho = pi / pi_old``; ``pi_old`` is the sampling policy, whose log-probs the rollout
 recorded (no second forward pass). With ``kl_in_loss`` the KL leaves the reward and becomes a
 ``beta * agg(KL)`` term of the loss instead.
+
+A separate critic that takes one optimizer step per batch learns in the advantage phase from
+the forward that gives the rollout's values (``value_forward_once``, :func:`train_critic`):
+``V_old = V`` there, so the value term is the same and the update trains the policy alone.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ VALUE_KEY = "ppo/value"
 """``ctx.state`` key of the :class:`ValueState` (not JSON-able: saved by this plugin's hooks)."""
 VALUE_DIR = "ppo_value"
 """Checkpoint subfolder of the critic: weights and optimizer, written by the backend."""
+CRITIC_STEPPED = "ppo/critic_metrics"
+"""``batch.extras`` key: the critic's step metrics when it was trained in the advantage phase
+(:func:`train_critic`); the update then trains the policy alone."""
 
 
 @dataclass
@@ -110,6 +117,13 @@ class PPOConfig(AlgorithmConfig):
     """Rows per forward/backward."""
     grad_accum_steps: int = 1
     """Forward/backward passes per optimizer step."""
+    value_forward_once: bool = True
+    """A separate critic that takes one optimizer step per batch (``ppo_epochs=1`` and
+    ``minibatch_size * grad_accum_steps`` >= the batch) is trained in the advantage phase, on
+    the forward that gives the rollout's values. Its weights do not change between the
+    rollout and its step, so the update's forward would recompute those values (``V_old =
+    V``): the step is the same, to float rounding, with one critic forward fewer. false
+    keeps the separate no-grad forward."""
 
 
 @hookimpl
@@ -329,16 +343,81 @@ def load_checkpoint(ctx: RunContext, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _critic_steps_once(ctx: RunContext, batch: Rollout, critic: ValueState) -> bool:
+    """Whether this batch trains the separate critic in a single optimizer step (see
+    ``value_forward_once``), so its rollout forward can be the one it learns from."""
+    algo = ctx.cfg.algorithm
+    rows_per_step = int(algo.minibatch_size) * int(algo.grad_accum_steps)
+    return (
+        critic.kind == "separate"
+        and bool(algo.get("value_forward_once", True))
+        and int(algo.ppo_epochs) == 1
+        and batch.num_rows <= rows_per_step
+    )
+
+
+def train_critic(
+    ctx: RunContext, batch: Rollout, critic: ValueState, rewards: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """One optimizer step of the separate critic on ``batch``; returns its (B, R) values.
+
+    Each micro-batch's forward (with grad) gives ``V``; GAE of that row's ``rewards`` (B, R)
+    and ``V.detach()`` gives the returns ``R``, and the loss is the update's value term,
+    ``vf_coef * agg(0.5 * max((V - R)^2, (V_clip - R)^2))`` with ``V_old = V`` (the update
+    would recompute the same values). Clipping, aggregation over global counts, gradient
+    clipping and the learning rate are the update's. Metrics: ``loss/value``,
+    ``value/clipfrac``, ``value/grad_norm`` and the value term's part of ``loss/total``.
+    """
+    algo, mask = ctx.cfg.algorithm, batch.response_mask
+    gamma, lam = float(algo.gamma), float(algo.lam)
+    clip, vf_coef, agg = float(algo.value_clip), float(algo.vf_coef), str(algo.loss_agg)
+    values = torch.zeros_like(mask, dtype=torch.float32)
+
+    def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+        row_mask = mask[rows]
+        v = torch.where(row_mask != 0, _critic_values(critic.module, batch, rows), 0.0)
+        old = v.detach()
+        values[rows] = old.float()
+        _, returns = gae(rewards[rows], old, row_mask, gamma, lam)
+        per_token, clipfrac = clipped_value_loss(v, old, returns, row_mask, clip)
+        value_loss = counts.aggregate(per_token, row_mask, agg)
+        metrics = {
+            "loss/value": value_loss.detach(),
+            "value/clipfrac": counts.share_of_mean(clipfrac, row_mask),
+        }
+        return vf_coef * value_loss, metrics
+
+    _follow_policy_schedule(ctx, critic)
+    max_norm = policy_target(ctx).max_grad_norm  # the update clips the critic alike
+    target = OptimTarget("value", list(critic.module.parameters()), [critic.optimizer], max_norm)
+    metrics = run_update(
+        ctx,
+        batch,
+        loss_fn,
+        epochs=1,
+        minibatch_size=int(algo.minibatch_size),
+        grad_accum_steps=int(algo.grad_accum_steps),
+        targets=[target],
+        step_schedule=False,
+    )
+    keys = ("loss/total", "loss/value", "value/clipfrac", "value/grad_norm")
+    return values, {k: metrics[k] for k in keys}
+
+
 @hookimpl
 def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
     assert batch.rewards is not None
     algo, mask = ctx.cfg.algorithm, batch.response_mask
     beta = kl_controller(ctx).coef
-    values = rollout_values(ctx, batch, value_state(ctx))
+    critic = value_state(ctx)
     kl = reference_kl(batch, str(ctx.cfg.rl.kl_estimator))
     rewards = per_token_rewards(batch.rewards, kl, mask, 0.0 if algo.kl_in_loss else beta)
     if algo.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
+    if _critic_steps_once(ctx, batch, critic):
+        values, batch.extras[CRITIC_STEPPED] = train_critic(ctx, batch, critic, rewards)
+    else:
+        values = rollout_values(ctx, batch, critic)
     advantages, returns = gae(rewards, values, mask, float(algo.gamma), float(algo.lam))
     if algo.whiten_advantages:
         advantages = whiten_advantages(advantages, mask)
@@ -380,8 +459,12 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         entropy_coef=float(algo.entropy_coef),
     )
     vf_coef, clip = float(algo.vf_coef), float(algo.value_clip)
+    critic_metrics: dict[str, float] | None = batch.extras.get(CRITIC_STEPPED)
 
     def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
+        if critic_metrics is not None:  # the critic took its step in the advantage phase
+            logp, entropy = policy_logprobs(ctx, batch, rows)
+            return policy_loss(batch, rows, counts, logp, entropy, spec)
         logp, entropy, values = _forward(ctx, batch, rows, critic)
         loss, metrics = policy_loss(batch, rows, counts, logp, entropy, spec)
         mask = batch.response_mask[rows]
@@ -401,8 +484,11 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         epochs=int(algo.ppo_epochs),
         minibatch_size=int(algo.minibatch_size),
         grad_accum_steps=int(algo.grad_accum_steps),
-        targets=_optim_targets(ctx, critic),
+        targets=_optim_targets(ctx, critic) if critic_metrics is None else [policy_target(ctx)],
     )
+    if critic_metrics is not None:
+        metrics.update({k: v for k, v in critic_metrics.items() if k != "loss/total"})
+        metrics["loss/total"] += critic_metrics["loss/total"]
     kl_seq = batch.extras["kl_seq"]
     metrics.update(rl_step_metrics(batch, kl_seq, controller.coef))
     metrics["value/explained_variance"] = float(

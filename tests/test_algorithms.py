@@ -340,6 +340,70 @@ def test_gradient_does_not_depend_on_minibatch_split(
         assert metrics["loss/policy"] == pytest.approx(m0["loss/policy"], abs=1e-6)
 
 
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_ppo_critic_trained_on_its_rollout_forward_takes_the_same_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loss_agg: str
+) -> None:
+    """With one optimizer step per batch, ``value_forward_once`` trains the separate critic in
+    the advantage phase from its only forward: same weights after the step (policy and
+    critic), advantages, returns and metrics as the two-forward path, one forward fewer."""
+    forwards = {"n": 0}
+    critic_values = ppo._critic_values
+
+    def counted(*args: Any) -> torch.Tensor:
+        forwards["n"] += 1
+        return critic_values(*args)
+
+    monkeypatch.setattr(ppo, "_critic_values", counted)
+    runs = []
+    for once in (True, False):
+        forwards["n"] = 0
+        policy = _policy()
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, eps=1e-4)
+        algo = {
+            "value_model": "separate",
+            "ppo_epochs": 1,
+            "minibatch_size": 2,
+            "grad_accum_steps": 2,
+            "value_forward_once": once,
+            "loss_agg": loss_agg,
+            "whiten_rewards": True,
+        }
+        # Adam's eps above the rounding noise of the attention key biases' gradients (zero
+        # in exact arithmetic), which a tiny eps would scale up to lr-sized steps.
+        optim = {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-4, "weight_decay": 0.0}
+        cfg = _cfg("ppo", algo, optim={**optim, "max_grad_norm": 1e9})
+        ctx = _ctx(tmp_path, cfg, policy=policy, optimizer=opt)
+        ppo.run_start(ctx)
+        batch = ppo.advantage(ctx, _on_policy_batch(policy))
+        assert (ppo.CRITIC_STEPPED in batch.extras) is once
+        metrics = ppo.update(ctx, batch)
+        critic = ctx.state[ppo.VALUE_KEY].module
+        weights = [p.detach().clone() for p in [*policy.parameters(), *critic.parameters()]]
+        runs.append((forwards["n"], batch, metrics, weights))
+    (n_once, b_once, m_once, w_once), (n_two, b_two, m_two, w_two) = runs
+    assert (n_once, n_two) == (2, 4)  # micro-batches of 2 rows: 2 forwards against 2 + 2
+    torch.testing.assert_close(b_once.values, b_two.values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b_once.returns, b_two.returns, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b_once.advantages, b_two.advantages, atol=1e-5, rtol=0)
+    assert m_once.keys() == m_two.keys()
+    for key in ("loss/total", "loss/value", "loss/policy", "value/grad_norm", "policy/grad_norm"):
+        assert m_once[key] == pytest.approx(m_two[key], rel=1e-5, abs=1e-7), key
+    assert m_once["loss/value"] > 0 and m_once["value/grad_norm"] > 0
+    for a, b in zip(w_once, w_two, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_ppo_critic_with_more_than_one_step_keeps_its_rollout_forward(tmp_path: Path) -> None:
+    """Two epochs (or minibatches) change the critic between steps: V_old comes first."""
+    policy = _policy()
+    for algo in ({"ppo_epochs": 2}, {"ppo_epochs": 1, "minibatch_size": 2}):
+        ctx = _ctx(tmp_path, _cfg("ppo", algo), policy=policy)
+        ppo.run_start(ctx)
+        batch = ppo.advantage(ctx, _on_policy_batch(policy))
+        assert ppo.CRITIC_STEPPED not in batch.extras, algo
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO checkpoints: the critic and the KL controller
 # ---------------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_quick_run_writes_every_figure(tmp_path: Path) -> None:
     assert grpo["seconds_per_step"]["ref"] > 0 and grpo["flops_per_step"]["ref"] > 0
     assert grpo["seconds_per_step"]["old"] == 0  # the rollout's log-probs are reused
     ppo = report["results"]["ppo/alignkit"]
-    assert ppo["flops_per_step"]["value"] > 0  # the critic's rollout forward
+    assert ppo["flops_per_step"]["value"] > 0  # the critic: here its forward, backward and step
     assert report["matmul_ceiling"]["train"]["gflops"] > 0
     table = (out / "results.txt").read_text()
     assert "grpo/alignkit" in table and "matmul ceiling" in table
