@@ -163,7 +163,7 @@ def _decoder(
         def lean_step(token: Tensor | None) -> Tensor:
             nonlocal next_position
             if token is None:
-                return fast.forward(prompt_ids, positions)
+                return fast.prefill(prompt_ids, positions)
             logits = fast.forward(token[:, None], next_position)
             next_position = next_position + 1
             return logits

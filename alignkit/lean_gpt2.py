@@ -200,11 +200,13 @@ class LeanGPT2:
         self.key_ok[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         self.length = 0
 
-    def _mask(self, new: int) -> Tensor:
-        """(B, 1, T, S') bool attention mask for ``new`` positions after ``self.length``."""
+    def _mask(self, new: int, rows: Tensor | None = None) -> Tensor:
+        """(B, 1, T, S') bool attention mask for ``new`` positions after ``self.length``
+        (of the cache rows ``rows`` only, if given)."""
         assert self.key_ok is not None
         end = self.length + new
-        keys = self.key_ok[:, None, None, :end]
+        key_ok = self.key_ok if rows is None else self.key_ok[rows]
+        keys = key_ok[:, None, None, :end]
         if new == 1:
             return keys
         return _causal(keys, self.length, end)
@@ -215,17 +217,51 @@ class LeanGPT2:
         Returns:
             (B, V) logits of the last position if ``last_only``, else (B, T, V).
         """
+        return self._forward(ids, positions, last_only, None)
+
+    def prefill(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """(B, V) last-position logits of the (B, P) prompts, filling the cache from 0.
+
+        Equal prompt rows (the samples of one prompt, repeated for a group) are computed once
+        and their keys and values copied to each of their cache rows: a prompt's cache
+        entries depend only on its own tokens and mask.
+        """
+        assert self.key_ok is not None and self.length == 0
+        bsz, width = ids.shape
+        rows = torch.cat([ids, self.key_ok[:, :width].to(ids.dtype)], dim=1)
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if distinct.shape[0] == bsz:
+            return self._forward(ids, positions, True, None)
+        # One row of each distinct prompt (any of its copies: they are equal).
+        first = torch.empty(distinct.shape[0], dtype=torch.long, device=ids.device)
+        first[inverse] = torch.arange(bsz, device=ids.device)
+        logits = self._forward(ids[first], positions[first], True, (first, inverse))
+        return logits.index_select(0, inverse)
+
+    def _forward(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        last_only: bool,
+        expand: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        """:meth:`forward` of (U, T) ``ids``; with ``expand = (first, inverse)`` the U rows
+        are the cache rows ``first`` (U,) and fill every cache row b from row ``inverse[b]``."""
         t = self.trunk
         bsz, new = ids.shape
-        mask = self._mask(new)
+        mask = self._mask(new, None if expand is None else expand[0])
         start, end = self.length, self.length + new
         x = t.embed(ids, positions)
         for i, blk in enumerate(t.blocks):
             q, k, v = t.qkv(blk, x)
-            self.k_cache[i][:, :, start:end] = k
-            self.v_cache[i][:, :, start:end] = v
-            keys, values = self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end]
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            if expand is None:
+                self.k_cache[i][:, :, start:end] = k
+                self.v_cache[i][:, :, start:end] = v
+                k, v = self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end]
+            else:  # a prefill (start = 0): attend within the U rows, copy out to B
+                self.k_cache[i][:, :, :end] = k.index_select(0, expand[1])
+                self.v_cache[i][:, :, :end] = v.index_select(0, expand[1])
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = t.finish(blk, x, att)
         self.length = end
         if last_only:

@@ -373,6 +373,35 @@ def test_lean_prefill_logits_equal_the_model_on_real_positions(lm) -> None:
     assert fast.length == ids.shape[1]
 
 
+def test_lean_prefill_computes_each_distinct_prompt_once(lm) -> None:
+    """A group's repeated prompts: the same logits and cache as every row computed, from the
+    forward of the 3 distinct rows only (the FLOP observer sees 3 rows, not 7)."""
+    from alignkit import lean_gpt2
+
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, [*PROMPTS, PROMPTS[1], *PROMPTS[::-1]][:7])
+    positions = position_ids_from_mask(mask)
+    fast, full = lean_decoder(model), lean_decoder(model)
+    assert fast is not None and full is not None
+    calls: list[float] = []
+    lean_gpt2.call_observers.append(lambda _trunk, flops: calls.append(flops))
+    try:
+        with torch.no_grad():
+            for decoder in (fast, full):
+                decoder.start(ids.shape[0], ids.shape[1] + 2, mask)
+            once = fast.prefill(ids, positions)  # (7, V)
+            every = full.forward(ids, positions)
+    finally:
+        lean_gpt2.call_observers.pop()
+    torch.testing.assert_close(once, every, atol=1e-6, rtol=1e-6)
+    end = ids.shape[1]
+    for a, b in zip(fast.k_cache + fast.v_cache, full.k_cache + full.v_cache, strict=True):
+        real = mask.bool()[:, None, :, None].expand_as(a[:, :, :end])
+        torch.testing.assert_close(a[:, :, :end][real], b[:, :, :end][real], atol=1e-6, rtol=0)
+    assert fast.length == full.length == end
+    assert calls[0] * 7 == pytest.approx(calls[1] * 3)  # 3 distinct rows of 7
+
+
 def test_lean_decoder_steps_aside_where_it_would_not_be_exact(model_dir: Path) -> None:
     model, _ = load_causal_lm(str(model_dir))
     assert lean_decoder(model) is not None
