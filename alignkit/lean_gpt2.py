@@ -354,11 +354,14 @@ class _PackedAttention:
         causal = cols[None, :] <= cols[:, None]
         eye = torch.eye(self.width, dtype=torch.bool, device=cols.device)
         self.mask = (self.real[:, None, None, :] & causal) | eye  # (M, 1, T, T)
+        # Slots past a row's end read token 0 instead of a zero row appended to every q, k
+        # and v (a copy of each): those keys are masked out and those queries' outputs are
+        # never read, so they change no value and receive zero gradient.
+        self.index = torch.where(self.real, packed.layout, 0)
 
     def rows_of(self, flat: Tensor) -> Tensor:
-        """(N, H, h) -> (M, H, T, h), zeros past each row's end."""
-        pad = flat.new_zeros(1, self.heads, self.size)
-        return _take(torch.cat([flat, pad]), self.packed.layout).transpose(1, 2)
+        """(N, H, h) -> (M, H, T, h); past each row's end, token 0's entries (masked)."""
+        return _take(flat, self.index).transpose(1, 2)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(N, H, h) each -> (N, d): every token's output read at its home position."""
