@@ -73,11 +73,16 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
         logits: (B, T, V).
 
     Returns:
-        (B, T) float32 ``H = -Σ_v p_v log p_v``. ``torch.special.entr`` defines ``0 log 0 = 0``,
-        so logits masked to ``-inf`` (e.g. by top-k filtering) contribute nothing instead of nan.
+        (B, T) float32 ``H = -Σ_v p_v log p_v``, with ``0 log 0 = 0``: logits masked to ``-inf``
+        (e.g. by top-k filtering) contribute nothing instead of nan.
+
+    ``p log p`` from ``log_softmax`` and its ``exp`` rather than ``torch.special.entr(softmax)``:
+    the same values to float rounding, at a third of the time on the CPU (``entr`` takes the
+    logarithm element by element; at 16 x 32 x 789 it was 1.8 against 0.5 ms).
     """
-    probs = torch.softmax(_scaled_float_logits(logits, temperature), dim=-1)
-    return torch.special.entr(probs).sum(dim=-1)
+    logp = torch.log_softmax(_scaled_float_logits(logits, temperature), dim=-1)
+    # exp(-inf) = 0; clamping -inf to the lowest float keeps 0 * log 0 at 0, not nan.
+    return -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -68,6 +68,16 @@ def test_entropy_temperature() -> None:
     torch.testing.assert_close(got, torch.tensor([[expected]]))
 
 
+def test_entropy_gradient_hand_computed_and_zero_at_masked_logits() -> None:
+    # dH/dz_i = -p_i (log p_i + H): for p = [1/4, 3/4, 0] that is -1/4 (ln 1/4 + H), ...
+    logits = torch.tensor([[[0.0, LN3, -math.inf]]], requires_grad=True)
+    entropy_from_logits(logits).sum().backward()
+    p = torch.tensor([0.25, 0.75])
+    h = -(p * p.log()).sum()
+    expected = torch.cat([-p * (p.log() + h), torch.zeros(1)])
+    torch.testing.assert_close(logits.grad[0, 0], expected)
+
+
 def test_masked_sum_and_mean_ignore_masked_garbage() -> None:
     x = torch.tensor([[1.0, 2.0, math.inf], [4.0, math.nan, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
