@@ -29,6 +29,14 @@ index_gather
     Gathers the packed layout with advanced indexing (``x[index]``) instead of
     ``index_select`` (``alignkit.lean_gpt2._take``): how the packed forwards gathered before.
     Same values; the backward accumulates with ``index_put_``, which the CPU runs serially.
+prefill_rows
+    Prefills every sampling row (:meth:`alignkit.lean_gpt2.LeanGPT2.forward`) instead of each
+    distinct prompt once (:meth:`~alignkit.lean_gpt2.LeanGPT2.prefill`): the group's 4 copies
+    of a prompt computed 4 times, as before. Same tokens from the same generator.
+critic_forwards
+    PPO's critic takes its no-grad rollout forward and a second forward in the update, as
+    before ``algorithm.value_forward_once`` (``ppo._critic_steps_once`` answers no): the
+    same step to float rounding, one critic forward more.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from transformers.activations import NewGELUActivation
 
 from alignkit import generation, lean_gpt2
 
-PATCHES = ("fused_gelu", "hf_decode", "padded", "index_gather")
+PATCHES = ("fused_gelu", "hf_decode", "padded", "index_gather", "prefill_rows", "critic_forwards")
 _GENERATE = generation.generate
 
 
@@ -57,6 +65,10 @@ def _fused_gelu(self: NewGELUActivation, x: Tensor) -> Tensor:
 
 def _index_gather(x: Tensor, index: Tensor) -> Tensor:
     return x[index]
+
+
+def _prefill_rows(self: lean_gpt2.LeanGPT2, ids: Tensor, positions: Tensor) -> Tensor:
+    return self.forward(ids, positions)
 
 
 def generate_hf(*args: Any, **kwargs: Any) -> Any:
@@ -76,6 +88,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
     from alignkit import models, training
 
     original = NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take
+    prefill, critic_once = lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once
     packing = (
         models.pack_rollout,
         ppo.pack_rollout,
@@ -94,9 +107,14 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
             models.ScalarHeadModel.score_packed = _no_pack  # type: ignore[method-assign]
         if "index_gather" in names:
             lean_gpt2._take = _index_gather
+        if "prefill_rows" in names:
+            lean_gpt2.LeanGPT2.prefill = _prefill_rows  # type: ignore[method-assign]
+        if "critic_forwards" in names:
+            ppo._critic_steps_once = lambda *_: False
         yield
     finally:
         NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take = original
+        lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once = prefill, critic_once
         (
             models.pack_rollout,
             ppo.pack_rollout,

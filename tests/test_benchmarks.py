@@ -430,3 +430,32 @@ def test_index_gather_patch_gathers_by_advanced_indexing_with_the_same_values_an
     assert lean_gpt2._take is take
     torch.testing.assert_close(selected[0], indexed[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(selected[1], indexed[1], atol=1e-6, rtol=1e-5)
+
+
+def test_prefill_rows_and_critic_forwards_patches_swap_and_restore() -> None:
+    """``prefill_rows`` samples the same tokens from every row's prefill; ``critic_forwards``
+    turns the PPO critic's single forward off. Both are undone after the block."""
+    import alignkit_plugins.ppo as ppo
+
+    from alignkit import lean_gpt2
+    from alignkit.generation import generate
+
+    model = tiny_gpt2()
+    prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6], [0, 1, 2]])
+    mask = (prompts != 0).long()
+
+    def sample() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        out = generate(
+            model, prompts, mask, max_new_tokens=4, eos_token_id=9, pad_token_id=0, generator=gen
+        )
+        return out.response_ids
+
+    prefill, once = lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once
+    distinct = sample()
+    with apply_patches(["prefill_rows", "critic_forwards"]):
+        assert lean_gpt2.LeanGPT2.prefill is not prefill
+        assert ppo._critic_steps_once(None, None, None) is False
+        every_row = sample()
+    assert lean_gpt2.LeanGPT2.prefill is prefill and ppo._critic_steps_once is once
+    assert torch.equal(distinct, every_row)
