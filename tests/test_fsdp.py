@@ -12,6 +12,7 @@ different order on sharded tensors; the measured gap is ~1e-7).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -247,14 +248,20 @@ def test_sft_losses_on_two_ranks_match_one_process(tmp_path: Path) -> None:
     assert (tmp_path / "fsdp" / "sft" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow  # ~60 s: two 2-rank launches
-def test_ppo_critic_is_sharded_checkpointed_and_resumed(sft_run: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # ~60 s each: two 2-rank launches
+@pytest.mark.parametrize("epochs", [2, 1], ids=["two-forwards", "critic-steps-once"])
+def test_ppo_critic_is_sharded_checkpointed_and_resumed(
+    sft_run: Path, tmp_path: Path, epochs: int
+) -> None:
     """PPO's separate critic under FSDP: built from the sharded policy, saved by every rank
-    into the checkpoint's ``ppo_value/`` shards, and restored when the run resumes."""
+    into the checkpoint's ``ppo_value/`` shards, and restored when the run resumes. With one
+    epoch (one optimizer step per batch) the critic learns in the advantage phase
+    (``algorithm.value_forward_once``), on every rank alike."""
     args = [
         "stage=rl",
         "experiment=smoke",
         "algorithm=ppo",
+        f"algorithm.ppo_epochs={epochs}",
         "reward=[gold]",
         "logger=none",
         "backend=fsdp",
@@ -269,7 +276,9 @@ def test_ppo_critic_is_sharded_checkpointed_and_resumed(sft_run: Path, tmp_path:
     assert "resumed from" in log and "at step 2" in log
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "step" in r]
     assert steps == [0, 1, 2]
-    assert "value/explained_variance" in read_metrics(tmp_path / "metrics.jsonl")[-1]
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert "value/explained_variance" in last
+    assert last["value/grad_norm"] > 0 and math.isfinite(last["loss/value"])
 
 
 def _untimed(record: dict) -> dict:
