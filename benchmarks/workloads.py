@@ -183,7 +183,7 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
             totals["generation"] += metrics["time/rollout"] - ref
             totals["ref"] += ref
             totals["reward"] += metrics["time/reward"]
-            totals["value"] += metrics["time/advantage"]  # PPO: the critic's rollout forward
+            totals["value"] += metrics["time/advantage"]  # PPO: the critic (see below)
             totals["update"] += metrics["time/update"]
             flops["generation"] += phase_flops["rollout"] - counter.total("ref")
             flops["ref"] += counter.total("ref")

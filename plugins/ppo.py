@@ -343,6 +343,30 @@ def load_checkpoint(ctx: RunContext, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def value_term(
+    values: Tensor,
+    old: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    counts: Counts,
+    clip: float,
+    algo: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped value loss of a micro-batch, ``agg(0.5 * max((V - R)^2, (V_clip - R)^2))``
+    over the minibatch's global counts, and its metrics (``loss/value``, ``value/clipfrac``).
+
+    ``values`` (b, R) with grad, ``old`` (b, R) the values the clip range is centred on,
+    ``returns`` (b, R) the targets, ``mask`` (b, R).
+    """
+    per_token, clipfrac = clipped_value_loss(values, old, returns, mask, clip)
+    value_loss = counts.aggregate(per_token, mask, str(algo.loss_agg))
+    metrics = {
+        "loss/value": value_loss.detach(),
+        "value/clipfrac": counts.share_of_mean(clipfrac, mask),
+    }
+    return value_loss, metrics
+
+
 def _critic_steps_once(ctx: RunContext, batch: Rollout, critic: ValueState) -> bool:
     """Whether this batch trains the separate critic in a single optimizer step (see
     ``value_forward_once``), so its rollout forward can be the one it learns from."""
@@ -370,7 +394,7 @@ def train_critic(
     """
     algo, mask = ctx.cfg.algorithm, batch.response_mask
     gamma, lam = float(algo.gamma), float(algo.lam)
-    clip, vf_coef, agg = float(algo.value_clip), float(algo.vf_coef), str(algo.loss_agg)
+    clip, vf_coef = float(algo.value_clip), float(algo.vf_coef)
     values = torch.zeros_like(mask, dtype=torch.float32)
 
     def loss_fn(rows: Tensor, counts: Counts) -> tuple[Tensor, dict[str, Tensor]]:
@@ -379,12 +403,7 @@ def train_critic(
         old = v.detach()
         values[rows] = old.float()
         _, returns = gae(rewards[rows], old, row_mask, gamma, lam)
-        per_token, clipfrac = clipped_value_loss(v, old, returns, row_mask, clip)
-        value_loss = counts.aggregate(per_token, row_mask, agg)
-        metrics = {
-            "loss/value": value_loss.detach(),
-            "value/clipfrac": counts.share_of_mean(clipfrac, row_mask),
-        }
+        value_loss, metrics = value_term(v, old, returns, row_mask, counts, clip, algo)
         return vf_coef * value_loss, metrics
 
     _follow_policy_schedule(ctx, critic)
@@ -468,13 +487,9 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
         logp, entropy, values = _forward(ctx, batch, rows, critic)
         loss, metrics = policy_loss(batch, rows, counts, logp, entropy, spec)
         mask = batch.response_mask[rows]
-        per_token, clipfrac = clipped_value_loss(
-            values, batch.values[rows], batch.returns[rows], mask, clip
-        )
-        value_loss = counts.aggregate(per_token, mask, spec.loss_agg)
-        metrics["loss/value"] = value_loss.detach()
-        metrics["value/clipfrac"] = counts.share_of_mean(clipfrac, mask)
-        return loss + vf_coef * value_loss, metrics
+        old, returns = batch.values[rows], batch.returns[rows]
+        value_loss, value_metrics = value_term(values, old, returns, mask, counts, clip, algo)
+        return loss + vf_coef * value_loss, {**metrics, **value_metrics}
 
     _follow_policy_schedule(ctx, critic)
     metrics = run_update(
