@@ -11,7 +11,9 @@ Layout of ``<run_dir>/checkpoints``::
       rng_rank<r>.pt        the same per rank (backend=fsdp)
       state.json            step, data position and JSON-able plugin state (e.g. KL controller)
       plugin_tensors.pt     tensor-valued plugin state
-      hf/                   the policy's HF config and tokenizer, for `alignkit export`
+      model_config/         the policy's HF config and tokenizer (no weights), for `alignkit
+                            export`; with LoRA also lora/adapter_config.json. Checkpoints
+                            written before the rename call it hf/, which is still read
       ...                   files plugins add through the ``save_checkpoint`` hook
     latest                  name of the newest complete checkpoint (written atomically)
 
@@ -35,7 +37,15 @@ from alignkit.context import RunContext
 from alignkit.io import atomic_directory, atomic_write_text
 
 LATEST = "latest"
-HF_DIR = "hf"
+MODEL_CONFIG_DIR = "model_config"
+"""Config and tokenizer of the policy, without weights: named so that nothing takes it for a
+loadable HF model folder."""
+LEGACY_HF_DIR = "hf"
+"""The same folder in checkpoints written before the rename; read, never written."""
+HF_DIR = LEGACY_HF_DIR
+"""Old name of :data:`LEGACY_HF_DIR`, kept for code that reads old checkpoints by it."""
+LORA_DIR = "lora"
+"""Subfolder of :data:`MODEL_CONFIG_DIR` with a LoRA policy's ``adapter_config.json``."""
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -67,21 +77,37 @@ def _write_shared(ctx: RunContext, tmp: Path, step: int, extra: dict[str, Any]) 
     torch.save(tensors, tmp / "plugin_tensors.pt")
     meta = {"step": step, "world_size": ctx.backend.world_size, "plugin_state": plain, **extra}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    _write_hf_files(ctx, tmp / HF_DIR)
+    write_model_config(ctx.policy, ctx.tokenizer, tmp / MODEL_CONFIG_DIR)
 
 
-def _write_hf_files(ctx: RunContext, out: Path) -> None:
-    """Config and tokenizer of the policy, so that the checkpoint exports on its own."""
-    config = getattr(ctx.policy, "config", None)
-    if config is None or not hasattr(config, "save_pretrained"):
-        return
+def write_model_config(policy: Any, tokenizer: Any, out: Path) -> bool:
+    """Config and tokenizer of ``policy`` into ``out``, so that a checkpoint exports on its own.
+
+    A LoRA (peft) policy gets its base model's config plus ``lora/adapter_config.json``: the
+    checkpoint's weights are the adapted model's, which export rebuilds and merges. Returns
+    False (nothing written) for a model without a transformers config.
+    """
     from alignkit.lora import is_lora_model
 
-    if is_lora_model(ctx.policy):
-        return  # adapter weights are not a plain HF model; export the final policy folder
+    lora = is_lora_model(policy)
+    model = policy.get_base_model() if lora else policy
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return False
     config.save_pretrained(out)
-    if ctx.tokenizer is not None:
-        ctx.tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if lora:
+        policy.peft_config[policy.active_adapter].save_pretrained(out / LORA_DIR)
+    return True
+
+
+def model_config_dir(checkpoint: Path) -> Path | None:
+    """The checkpoint's config folder: ``model_config/``, or an old checkpoint's ``hf/``."""
+    for name in (MODEL_CONFIG_DIR, LEGACY_HF_DIR):
+        if (Path(checkpoint) / name / "config.json").is_file():
+            return Path(checkpoint) / name
+    return None
 
 
 def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:

@@ -4,7 +4,8 @@
   sweeps (``alignkit -m algorithm=reinforce seed=0,1``).
 * ``alignkit plugins`` lists every installed plugin, where it comes from and its hooks.
 * ``alignkit compare SWEEP_DIR`` plots and tabulates a sweep's runs (mean and 95% CI).
-* ``alignkit export CHECKPOINT OUT`` turns an RL checkpoint (any backend's) into an HF folder.
+* ``alignkit export SRC OUT`` turns an RL checkpoint (any backend's), a reward model or a critic
+  into a plain HF folder that the matching ``transformers`` Auto class loads.
 
 Under ``torchrun`` (``backend=fsdp``) every rank runs the same command; rank 0 alone prints,
 writes metrics and summaries and owns the W&B run.

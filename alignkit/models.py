@@ -7,21 +7,27 @@ that every prompt ends at column P - 1 and every response starts at column P.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -30,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from alignkit.errors import AlignkitError
 from alignkit.io import atomic_directory
@@ -51,6 +58,8 @@ __all__ = [
     "build_tiny_model",
     "count_parameters",
     "disable_dropout",
+    "fold_normalization",
+    "is_scalar_head_folder",
     "last_token_index",
     "load_causal_lm",
     "pack_rollout",
@@ -58,9 +67,11 @@ __all__ = [
     "position_ids_from_mask",
     "response_logprobs",
     "response_read",
+    "sequence_classification_class",
     "sequence_logprobs",
     "supports_logits_to_keep",
     "train_tokenizer",
+    "unfold_normalization",
 ]
 
 PAD_TOKEN = "<|pad|>"
@@ -526,6 +537,145 @@ def response_logprobs(
 # Scalar head (value / reward models)
 # --------------------------------------------------------------------------------------------
 
+REWARD_OFFSET_KEY = "reward_offset"
+"""``config.json`` key of a saved scalar model: the constant ``(b - mean) / std`` that a bias-free
+HF head cannot hold, so that ``logits + reward_offset`` is alignkit's normalised score."""
+NORMALIZATION_KEY = "alignkit_normalization"
+"""``config.json`` key: ``{"mean": m, "std": s}``, how the folded HF head splits back into
+alignkit's raw head and its normalisation (absent from folders other tools write)."""
+_SEQ_CLS_SUFFIX = "ForSequenceClassification"
+
+
+def _read_config_json(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``config.json`` of ``folder``, or None when absent or not a JSON object."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _names_scalar_classifier(architectures: Any, num_labels: Any) -> bool:
+    """Whether a config names a ``*ForSequenceClassification`` architecture with one output."""
+    named = any(isinstance(a, str) and a.endswith(_SEQ_CLS_SUFFIX) for a in architectures or ())
+    return named and num_labels == 1
+
+
+def is_scalar_head_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a trained scalar (reward / value) model that alignkit scores with.
+
+    True for the layout :meth:`ScalarHeadModel.save_pretrained` writes (a transformers
+    ``*ForSequenceClassification`` folder with one label, which includes such folders written
+    by other tools) and for the legacy layout (backbone + ``scalar_head.safetensors``). False
+    for a plain backbone or causal-LM folder, whose head would be freshly initialised.
+    """
+    folder = Path(path).expanduser()
+    if (folder / HEAD_WEIGHTS_NAME).is_file():
+        return True
+    config = _read_config_json(folder)
+    if config is None:
+        return False
+    labels = config.get("id2label")
+    num_labels = len(labels) if isinstance(labels, dict) else config.get("num_labels", 2)
+    return _names_scalar_classifier(config.get("architectures"), num_labels)
+
+
+def sequence_classification_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The transformers ``*ForSequenceClassification`` class of ``config``'s model type.
+
+    Looked up in the auto mapping (which also holds classes registered with
+    ``AutoModelForSequenceClassification.register``). Raises :class:`ModelLoadError` naming
+    the model type when the architecture has no such class.
+    """
+    try:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    except KeyError:
+        raise ModelLoadError(
+            f"architecture {getattr(config, 'model_type', type(config).__name__)!r} has no "
+            "sequence-classification class in transformers, so its reward model / critic "
+            "cannot be saved as an HF model"
+        ) from None
+
+
+def _head_linear(seq: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of a sequence-classification model's head, outside its base model.
+
+    Raises :class:`ModelLoadError` unless the head is one ``Linear(H, 1)``: only then is it
+    the same function as alignkit's scalar head.
+    """
+    prefix = str(getattr(seq, "base_model_prefix", ""))
+    if not prefix or not isinstance(getattr(seq, prefix, None), nn.Module):
+        raise ModelLoadError(f"{type(seq).__name__} has no base model at {prefix!r}")
+    owners = [
+        (name, module)
+        for name, module in seq.named_modules()
+        if name
+        and name != prefix
+        and not name.startswith(prefix + ".")
+        and next(module.parameters(recurse=False), None) is not None
+    ]
+    if len(owners) == 1 and isinstance(owners[0][1], nn.Linear):
+        name, head = owners[0]
+        if head.out_features == 1:
+            return name, head
+    raise ModelLoadError(
+        f"the head of {type(seq).__name__} is not a single Linear(hidden, 1) layer "
+        f"(found {[name for name, _ in owners]}); alignkit's scalar head cannot be stored in it"
+    )
+
+
+def fold_normalization(
+    weight: Tensor, bias: Tensor, mean: float, std: float, *, head_bias: bool
+) -> tuple[Tensor, Tensor | None, float]:
+    """alignkit's normalised head as an HF head: ``(w.h + b - mean) / std`` as ``w'.h + c``.
+
+    ``w' = w / std`` and ``c = (b - mean) / std``. A head with a bias holds ``c``; a bias-free
+    head (most HF sequence-classification heads) cannot, and ``c`` is returned as the offset
+    to add to its logits. Computed in float64, returned in ``weight``'s dtype.
+
+    Args:
+        weight: (1, H) alignkit head weight ``w``; ``bias``: (1,) head bias ``b``.
+        mean, std: alignkit's normalisation (``std > 0``).
+        head_bias: whether the target head has a bias.
+
+    Returns:
+        ``(w' (1, H), bias (1,) or None, offset)``; ``offset`` is 0 when the bias holds ``c``.
+    """
+    if not (math.isfinite(std) and std > 0 and math.isfinite(mean)):
+        raise ValueError(f"normalisation must have finite mean and std > 0, got {mean}, {std}")
+    folded = (weight.detach().double() / std).to(weight.dtype)
+    constant = (bias.detach().double() - mean) / std  # (1,)
+    if head_bias:
+        return folded, constant.to(bias.dtype), 0.0
+    return folded, None, float(constant.item())
+
+
+def unfold_normalization(
+    weight: Tensor,
+    bias: Tensor | None,
+    offset: float,
+    normalization: dict[str, float] | None,
+) -> tuple[Tensor, Tensor, float, float]:
+    """An HF head ``w'.h + beta + offset`` as alignkit's ``(w.h + b - mean) / std``.
+
+    With alignkit's saved ``{"mean": m, "std": s}``: ``w = s w'`` and ``b = s (beta + offset) + m``
+    (the inverse of :func:`fold_normalization`), so raw per-token values (a critic's) come back
+    as trained. Without it (a folder another tool wrote): ``w = w'``, ``b = beta`` (0 when the
+    head has no bias), ``mean = -offset``, ``std = 1``. Either way the score equals
+    ``logits + offset`` to float rounding.
+
+    Returns:
+        ``(w (1, H), b (1,), mean, std)`` in ``weight``'s dtype.
+    """
+    beta = bias.detach().double() if bias is not None else torch.zeros(1, dtype=torch.float64)
+    if normalization is None:
+        return weight.detach().clone(), beta.to(weight.dtype), -offset, 1.0
+    mean, std = float(normalization.get("mean", 0.0)), float(normalization.get("std", 1.0))
+    if not (math.isfinite(std) and std > 0 and math.isfinite(mean)):
+        raise ModelLoadError(f"{NORMALIZATION_KEY} must have finite mean and std > 0")
+    unfolded = (weight.detach().double() * std).to(weight.dtype)
+    return unfolded, ((beta + offset) * std + mean).to(weight.dtype), mean, std
+
 
 class ScalarHeadModel(nn.Module):
     """A transformer backbone with a linear ``H -> 1`` head.
@@ -535,6 +685,7 @@ class ScalarHeadModel(nn.Module):
     mean and unit variance on reference samples as in Ziegler et al. (2019), Sec. 2.2.
 
     Passing a model with a task head (e.g. ``GPT2LMHeadModel``) keeps only its base model.
+    Saved as a transformers ``*ForSequenceClassification`` folder (:meth:`save_pretrained`).
     """
 
     def __init__(self, backbone: PreTrainedModel) -> None:
@@ -607,25 +758,112 @@ class ScalarHeadModel(nn.Module):
         hidden = packed_last_hidden(self.backbone, packed) if self._lean_allowed() else None
         return None if hidden is None else (self._raw(hidden) - self.mean) / self.std
 
+    # ------------------------------------------------------------------ HF sequence classification
+
+    def _classification_config(self, tokenizer: PreTrainedTokenizerBase | None) -> PretrainedConfig:
+        """A copy of the backbone's config with one label and the pad token HF reads by."""
+        config = copy.deepcopy(self.backbone.config)
+        for key in (REWARD_OFFSET_KEY, NORMALIZATION_KEY):
+            if hasattr(config, key):
+                delattr(config, key)
+        config.architectures = None
+        config.num_labels = 1
+        # A scalar output: HF's own reading of one label (MSE loss), and the text-classification
+        # pipeline then returns the raw logit instead of a sigmoid of it.
+        config.problem_type = "regression"
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        pad = pad if pad is not None else config.get_text_config().pad_token_id
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        if pad is None:
+            warnings.warn(
+                "no pad token id: the HF model reads the last position of every row, so it "
+                "scores unpadded single sequences only",
+                stacklevel=3,
+            )
+        elif pad == eos:
+            warnings.warn(
+                f"pad token id equals eos ({eos}): the HF model reads the last non-pad token, "
+                "the one before the EOS where alignkit reads",
+                stacklevel=3,
+            )
+        config.pad_token_id = pad
+        config.get_text_config().pad_token_id = pad
+        return config
+
+    def to_sequence_classification(
+        self, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> PreTrainedModel:
+        """This model as a transformers ``*ForSequenceClassification`` model (shares weights).
+
+        The class comes from the auto mapping of the backbone's model type; it is built on the
+        meta device and its base model (the submodule named by ``base_model_prefix``) is this
+        model's backbone, so no weight is copied and the state-dict keys are the class's own.
+        Normalisation is folded into the head (:func:`fold_normalization`): the HF logits plus
+        ``config.reward_offset`` equal :meth:`score`, and the logits alone equal it when the
+        class's head has a bias.
+
+        Args:
+            tokenizer: gives ``pad_token_id``, which the HF model uses to find each row's last
+                real token; without it the backbone config's pad token is used.
+
+        Raises:
+            ModelLoadError: the architecture has no sequence-classification class, its base
+                model's keys differ from the backbone's, or its head is not ``Linear(H, 1)``.
+        """
+        config = self._classification_config(tokenizer)
+        sequence_classification_class(config)  # a clear error before anything is built
+        with torch.device("meta"):
+            seq = AutoModelForSequenceClassification.from_config(config)
+        prefix = seq.base_model_prefix
+        _, head = _head_linear(seq)
+        expected = set(seq.state_dict())
+        if not isinstance(self.backbone, type(getattr(seq, prefix))):
+            raise ModelLoadError(
+                f"{type(seq).__name__}.{prefix} is a {type(getattr(seq, prefix)).__name__}, "
+                f"not the backbone's {type(self.backbone).__name__}"
+            )
+        setattr(seq, prefix, self.backbone)
+        weight, bias, offset = fold_normalization(
+            self.head.weight,
+            self.head.bias,
+            float(self.mean),
+            float(self.std),
+            head_bias=head.bias is not None,
+        )
+        head_state = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        head.load_state_dict(head_state, assign=True)
+        got = set(seq.state_dict())
+        if got != expected:
+            raise ModelLoadError(
+                f"backbone keys do not match {type(seq).__name__}: missing "
+                f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}"
+            )
+        setattr(seq.config, REWARD_OFFSET_KEY, offset)
+        setattr(seq.config, NORMALIZATION_KEY, {"mean": float(self.mean), "std": float(self.std)})
+        # The backbone is shared: its train / eval mode stays as it is, and the rest follows.
+        seq.training = self.backbone.training
+        for child in seq.children():
+            if child is not self.backbone:
+                child.train(self.backbone.training)
+        return seq
+
     def save_pretrained(
         self,
         out_dir: str | os.PathLike[str],
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> Path:
-        """Write backbone (safetensors), head weights, head config and tokenizer atomically."""
+        """Write an HF ``*ForSequenceClassification`` folder (safetensors) atomically.
+
+        ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` loads it with no missing
+        or unexpected keys (:meth:`to_sequence_classification`). ``config.json`` carries
+        ``reward_offset`` (``logits + reward_offset`` is :meth:`score`) and
+        ``alignkit_normalization`` (mean / std, so :meth:`from_pretrained` restores the raw head
+        and normalisation as trained). The tokenizer, when given, is saved alongside.
+        """
         out_dir = Path(out_dir).expanduser()
+        seq = self.to_sequence_classification(tokenizer)
         with atomic_directory(out_dir) as tmp:
-            self.backbone.save_pretrained(tmp)
-            head_state = {
-                k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()
-            }
-            save_file(head_state, tmp / HEAD_WEIGHTS_NAME, metadata={"format": "pt"})
-            head_config = {
-                "hidden_size": self.hidden_size,
-                "mean": float(self.mean),
-                "std": float(self.std),
-            }
-            (tmp / HEAD_CONFIG_NAME).write_text(json.dumps(head_config, indent=2) + "\n")
+            seq.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         return out_dir
@@ -641,20 +879,34 @@ class ScalarHeadModel(nn.Module):
     ) -> ScalarHeadModel:
         """Load a saved scalar-head model, or seed one from any backbone folder / Hub id.
 
-        Without ``scalar_head.safetensors`` in the folder (e.g. a causal-LM checkpoint) the head is
-        freshly initialised; ``AutoModel`` loads only the backbone, ignoring any LM-head weights.
+        Three layouts are read:
+
+        * a ``*ForSequenceClassification`` folder with one label (what :meth:`save_pretrained`
+          writes, or any HF tool): the head is unfolded by :func:`unfold_normalization`;
+        * the legacy layout: backbone + ``scalar_head.safetensors`` + ``scalar_head.json``;
+        * anything else (e.g. a causal-LM checkpoint): ``AutoModel`` loads the backbone,
+          ignoring any LM-head weights, and the head is freshly initialised.
+
         The result is in eval mode with dropout disabled, like :func:`load_causal_lm`.
         """
         source = _resolve_source(path)
+        folder = Path(source)
+        legacy = (folder / HEAD_WEIGHTS_NAME).is_file()
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         try:
-            backbone = AutoModel.from_pretrained(
-                source, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
+            config = None if legacy else AutoConfig.from_pretrained(source, **kwargs)
+            if config is not None and any(
+                a.endswith(_SEQ_CLS_SUFFIX) for a in config.architectures or ()
+            ):
+                model = cls._from_sequence_classification(source, config, dtype, kwargs)
+            else:
+                backbone = AutoModel.from_pretrained(source, dtype=_resolve_dtype(dtype), **kwargs)
+                model = cls(backbone)
+        except ModelLoadError:
+            raise
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load {os.fspath(path)!r}: {exc}") from exc
-        model = cls(backbone)
-        folder = Path(source)
-        if (folder / HEAD_WEIGHTS_NAME).is_file():
+        if legacy:
             model.head.load_state_dict(load_file(folder / HEAD_WEIGHTS_NAME))
             if (folder / HEAD_CONFIG_NAME).is_file():
                 head_config = json.loads((folder / HEAD_CONFIG_NAME).read_text())
@@ -663,4 +915,47 @@ class ScalarHeadModel(nn.Module):
         model.to(device)
         disable_dropout(model)
         model.eval()
+        return model
+
+    @classmethod
+    def _from_sequence_classification(
+        cls,
+        source: str,
+        config: PretrainedConfig,
+        dtype: str | torch.dtype,
+        kwargs: dict[str, Any],
+    ) -> ScalarHeadModel:
+        """A model from a ``*ForSequenceClassification`` folder (see :meth:`from_pretrained`)."""
+        if config.num_labels != 1:
+            raise ModelLoadError(
+                f"{source}: a sequence classifier with {config.num_labels} labels is not a "
+                "scalar (reward / value) model"
+            )
+        seq, info = AutoModelForSequenceClassification.from_pretrained(
+            source, config=config, dtype=_resolve_dtype(dtype), output_loading_info=True, **kwargs
+        )
+        if info.get("missing_keys"):
+            # transformers would fill them with a random init, silently changing every score.
+            raise ModelLoadError(
+                f"{source}: weights missing from the folder: {sorted(info['missing_keys'])[:5]}"
+            )
+        _, head = _head_linear(seq)
+        offset = float(getattr(config, REWARD_OFFSET_KEY, 0.0) or 0.0)
+        normalization = getattr(config, NORMALIZATION_KEY, None)
+        weight, bias, mean, std = unfold_normalization(
+            head.weight,
+            head.bias,
+            offset,
+            normalization if isinstance(normalization, dict) else None,
+        )
+        model = cls(seq)  # keeps seq's base model; its head is replaced below
+        with torch.no_grad():
+            model.head.weight.copy_(weight)
+            model.head.bias.copy_(bias)
+            model.mean.fill_(mean)
+            model.std.fill_(std)
+        # Absorbed into head and buffers; a stale copy on the live config would mislead.
+        for key in (REWARD_OFFSET_KEY, NORMALIZATION_KEY):
+            if hasattr(model.config, key):
+                delattr(model.config, key)
         return model

@@ -32,7 +32,7 @@ from torch import Tensor
 from alignkit.config import RewardConfig
 from alignkit.data.feedback import PreferenceGroup
 from alignkit.errors import ConfigError
-from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel
+from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel, is_scalar_head_folder
 from alignkit.packing import PackedSequences, pack_sequences
 
 if TYPE_CHECKING:
@@ -216,10 +216,10 @@ def load_scorer(
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    if not (folder / HEAD_WEIGHTS_NAME).is_file():
+    if not is_scalar_head_folder(folder):
         raise ConfigError(
-            f"{key}={path}: not a trained reward model (no {HEAD_WEIGHTS_NAME}); "
-            "train one with stage=reward_model"
+            f"{key}={path}: not a trained reward model (neither a sequence-classification "
+            f"folder with one label nor {HEAD_WEIGHTS_NAME}); train one with stage=reward_model"
         )
     model = ScalarHeadModel.from_pretrained(folder, device=device)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -24,6 +24,7 @@ from alignkit.data.feedback import (
     write_feedback_jsonl,
 )
 from alignkit.errors import DataError
+from alignkit.models import is_scalar_head_folder
 from alignkit.tasks import AssistTask, SimulatedHuman
 from alignkit.tracking import read_metrics
 from tests.conftest import SMOKE, cli_env, run_cli
@@ -299,7 +300,7 @@ def test_reward_model_stage_reports_accuracy_and_saves_a_normalised_folder(
         assert 0.0 <= summary[key] <= (1.0 if "accuracy" in key or "gold" in key else 1e9), key
     assert summary["rm_heldout_pairs"] > 0 and summary["rm_train_groups"] > 0
     folder = feedback_run / "reward_model"
-    head = json.loads((folder / "scalar_head.json").read_text())
+    head = json.loads((folder / "config.json").read_text())["alignkit_normalization"]
     assert head["std"] == pytest.approx(summary["rm_norm_std"]) and head["std"] != 1.0
     model = ScalarHeadModel.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -363,7 +364,7 @@ def test_each_format_and_variant_through_the_cli(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"{reward} loss on" in proc.stderr
-    assert (tmp_path / "reward_model" / "scalar_head.safetensors").is_file()
+    assert is_scalar_head_folder(tmp_path / "reward_model")
     assert _summary(tmp_path)["rm_norm_std"] != 1.0
 
 

@@ -25,6 +25,7 @@ from alignkit.models import (
     build_tiny_model,
     count_parameters,
     disable_dropout,
+    is_scalar_head_folder,
     last_token_index,
     load_causal_lm,
     position_ids_from_mask,
@@ -460,7 +461,9 @@ def test_scalar_head_save_load_round_trip(tmp_path: Path, model_dir: Path) -> No
         value.std.fill_(2.0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = value.save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
-    assert (out / HEAD_WEIGHTS_NAME).is_file() and (out / HEAD_CONFIG_NAME).is_file()
+    # A transformers sequence-classification folder, not the legacy head files.
+    assert is_scalar_head_folder(out) and not (out / HEAD_WEIGHTS_NAME).exists()
+    assert not (out / HEAD_CONFIG_NAME).exists()
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]
 

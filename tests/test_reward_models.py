@@ -313,7 +313,7 @@ def test_normalisation_is_saved_and_applied_on_load(tiny_backbone: Path, tmp_pat
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     model.save_pretrained(tmp_path / "rm", tok)
-    head = json.loads((tmp_path / "rm" / "scalar_head.json").read_text())
+    head = json.loads((tmp_path / "rm" / "config.json").read_text())["alignkit_normalization"]
     assert head["mean"] == pytest.approx(mean) and head["std"] == pytest.approx(std)
     loaded = load_scorer(tmp_path / "rm")
     assert torch.allclose(loaded.score(prompts, responses), scores, atol=1e-5)
