@@ -13,6 +13,7 @@ writes metrics and summaries and owns the W&B run.
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -181,7 +182,7 @@ def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], A
             raise SystemExit(2) from None
         # The return value is what Hydra's sweepers (e.g. Optuna) optimise.
         value = summary.get(str(cfg.objective))
-        for fallback in ("gold_score_policy", "rl_final/gold/score", "gold_score_sft"):
+        for fallback in ("gold_score_policy", "rl_final/gold/score", "gold_score_sft", "win_rate"):
             value = summary.get(fallback) if value is None else value
         return float(value) if isinstance(value, int | float) else None
 
@@ -201,6 +202,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # An HTTP judge makes one request per verdict; their INFO lines would fill the job log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _plugins_command() -> int:

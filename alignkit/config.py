@@ -57,22 +57,51 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """The built-in synthetic task (or another registered ``task`` component)."""
+    """The task: the built-in synthetic ``assist`` task, or ``data`` (your own data; see
+    docs/data.md), or another registered ``task`` component."""
 
     name: str = "assist"
     seed: int = 0
+    template: str = "auto"
+    """How prompts are rendered for each model (policy, reward model, judge), with its own
+    tokenizer: ``auto`` (its chat template when it has one, else plain), ``chat``, ``plain``
+    (``User: ...\nAssistant:``) or ``raw`` (plain-text prompts verbatim, as TRL reads
+    non-conversational data)."""
     max_operand: int = 5
+    """assist: arithmetic operands 0..max_operand."""
     demonstrations: int = 4000
-    """Synthetic SFT demonstrations to draw (deliberately of mixed quality)."""
+    """assist: synthetic SFT demonstrations to draw (deliberately of mixed quality)."""
     sft_data: str | None = None
-    """JSONL of ``{"prompt": str, "response": str}`` used instead of synthetic demonstrations."""
+    """SFT demonstrations in a standard format (prompt/completion, ``messages``) or as
+    ``{"prompt": ..., "response": ...}`` lines whose prompt is the verbatim model input: a
+    JSONL/JSON/Parquet/CSV file, a ``datasets`` folder or a cached dataset name."""
     prompt_data: str | None = None
-    """JSONL of prompt records (``id, kind, text, answer``) used instead of the task's prompts."""
+    """RL prompts. assist: JSONL of its records (``id, kind, text, answer``); data: any
+    standard format (``{"prompt": ...}``, conversational ``prompt`` or ``messages``)."""
+    preference_data: str | None = None
+    """data: preference pairs (``chosen``/``rejected``, explicit or implicit prompt) that
+    train the reward model directly (no feedback stage)."""
+    eval_data: str | None = None
+    """data: held-out evaluation prompts (else ``eval_split``, else ``eval_fraction``)."""
+    split: str = "train"
+    """data: the split read from ``datasets`` folders and cached datasets."""
+    eval_split: str | None = None
+    """data: a split of the prompt source held out for evaluation (e.g. ``test``)."""
+    eval_fraction: float = 0.1
+    """data: seeded fraction of the prompts held out when no eval source is given."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """data: canonical field -> your column, e.g. ``{prompt: question, chosen: good}``."""
+    max_prompts: int | None = None
+    """data: keep only the first N training prompts (null: all)."""
     max_prompt_tokens: int = 32
+    """Prompt tokens kept (from the left) when sampling."""
 
 
 @dataclass
 class SFTConfig:
+    max_length: int | None = None
+    """Tokens per demonstration (prompt + response); null: the model's context size. A longer
+    one loses the end of its response, never its prompt."""
     steps: int = 600
     """Optimiser steps (``batch_size`` demonstrations each). 600 because RL, the reward model
     and their win-rate all build on what SFT learned: on the built-in task, from 300 to 600
@@ -140,7 +169,66 @@ class RLConfig:
 
 
 @dataclass
+class EvalJudgeConfig:
+    """``eval.judge``: a pairwise LLM judge of policy vs baseline responses (docs/evaluation.md).
+
+    The model fields mean what they mean in ``reward.critique.judge``
+    (:class:`alignkit.judges.config.JudgeConfig`), so a ``conf/judge/*.yaml`` node's values
+    can be copied here.
+    """
+
+    backend: str = "none"
+    """none (no judged win-rate) | local (a causal LM from ``path``) | http (``url``)."""
+    template: str = "general"
+    """``conf/prompts/<name>.yaml`` or a path to a template file; its ``pairwise`` text and
+    ``pairwise_verdicts`` are used. general: instructions for an instruction-following model;
+    assist: the texts the built-in task's tiny judge (``stage=judge``) was trained on."""
+    both_orders: bool = True
+    """Judge (policy, baseline) and (baseline, policy) and average, ``(P_AB + 1 - P_BA) / 2``,
+    which cancels the judge's preference for a position."""
+    on_error: str = "raise"
+    """raise (a failed verdict stops the evaluation) | fallback (it counts as
+    ``fallback_value`` and is counted in ``judge_failures``)."""
+    fallback_value: float | None = None
+    """on_error=fallback: the probability a failed verdict gives response A (e.g. 0.5)."""
+    max_critique_tokens: int = 64
+    """Generation budget for the critique and the verdict."""
+    # local
+    path: str | None = None
+    """local: HF folder of the judge model (``stage=judge`` writes ``<run_dir>/judge``)."""
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    batch_size: int = 64
+    """local: contexts per generation batch."""
+    max_length: int | None = None
+    """local: context tokens kept; null: the model's limit minus the generation budget."""
+    # http
+    url: str | None = None
+    """http: base URL with the version prefix, e.g. ``http://127.0.0.1:8000/v1``."""
+    endpoint: str = "completions"
+    """http: completions (``/v1/completions``) | chat (``/v1/chat/completions``)."""
+    model: str = "judge"
+    """http: the ``model`` field of the requests."""
+    api_key_env: str | None = None
+    """http: NAME of the environment variable holding the API key (never the key)."""
+    max_concurrency: int = 8
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    """First retry delay; doubles with each retry."""
+    top_logprobs: int = 5
+    """Alternatives per token requested for the verdict (0: parse the verdict from text)."""
+
+
+@dataclass
 class EvalConfig:
+    """Held-out comparison of a policy with a baseline (``stage=eval``, end of the pipeline).
+
+    Win-rates come from up to three judges: the task's gold oracle (built-in task only), a
+    reward model and a pairwise LLM judge; ``win_rate`` is the gold one when the task has an
+    oracle, else the judge's, else the reward model's (docs/evaluation.md).
+    """
+
     num_prompts: int = 200
     samples_per_prompt: int = 4
     """Responses per held-out prompt and policy; the win-rate pairs the i-th of each."""
@@ -148,11 +236,18 @@ class EvalConfig:
     greedy: bool = False
     temperature: float = 1.0
     batch_size: int = 64
+    """Prompts per generation batch, and texts per reward-model forward."""
     samples_to_show: int = 6
     policy: str | None = None
     """``stage=eval``: the policy folder to evaluate."""
     baseline: str | None = None
     """``stage=eval``: the policy folder to compare against (e.g. the SFT policy)."""
+    reward_model: str | None = None
+    """A trained reward-model folder (or a folder of ``member_<i>`` folders, averaged) that
+    scores both policies; null: the run's own learned reward, i.e. the first active
+    ``reward.<name>`` with a ``path``/``paths``, which is optimistic for a policy trained
+    against it: pass a held-out reward model here for an honest number."""
+    judge: EvalJudgeConfig = field(default_factory=EvalJudgeConfig)
 
 
 @dataclass
@@ -211,7 +306,8 @@ class AlignkitConfig:
     """Where outputs go; null uses Hydra's output directory."""
     objective: str = "gold_score_policy"
     """The ``summary.json`` key the run returns to Hydra's sweepers (e.g. Optuna maximises it);
-    when a stage has no such key: gold_score_policy, rl_final/gold/score, gold_score_sft."""
+    when a stage has no such key: gold_score_policy, rl_final/gold/score, gold_score_sft,
+    win_rate (a task without a gold oracle)."""
     plugins: list[str] = field(default_factory=list)
     """Extra plugins to activate besides the algorithm and the rewards."""
     model: ModelConfig = field(default_factory=ModelConfig)

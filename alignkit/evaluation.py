@@ -1,4 +1,11 @@
-"""Gold-oracle evaluation: sample a policy on held-out prompts and score it as the human would."""
+"""Held-out evaluation: sample a policy, then score or compare its responses.
+
+The pieces :func:`alignkit.stages.evaluate.compare_policies` combines: sampling
+(:func:`sample_policy`), the gold oracle of the built-in task (:func:`gold_scores`), win-rates
+from per-sample scores (:func:`win_rate`) or from a pairwise judge's probabilities
+(:func:`judge_win_rates`), response length (:func:`mean_length`), a Monte-Carlo KL
+(:func:`sequence_kl`) and the sample table.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ from typing import Any
 
 import torch
 
-from alignkit.generation import decode_responses, generate, tokenize_prompts
+from alignkit.data.chat import PromptFormat
+from alignkit.generation import decode_responses, generate
 from alignkit.models import response_logprobs
+from alignkit.prompts import encode_prompts
 
 
 @dataclass
@@ -37,20 +46,26 @@ def sample_policy(
     batch_size: int = 64,
     max_prompt_tokens: int = 32,
     generator: torch.Generator | None = None,
+    fmt: PromptFormat | None = None,
 ) -> Samples:
-    """One response per record, generated in batches."""
+    """One response per record, generated in batches.
+
+    Prompts are rendered by ``fmt`` (default: the tokenizer's chat template if it has one,
+    else the plain format; stages pass the run's ``task.template`` through
+    :func:`alignkit.prompts.prompt_format`).
+    """
     model.eval()
+    fmt = fmt if fmt is not None else PromptFormat(tokenizer, model=model)
     chunks = []
     for start in range(0, len(records), batch_size):
         part = records[start : start + batch_size]
-        texts = [task.format_prompt(r) for r in part]
-        ids, mask = tokenize_prompts(tokenizer, texts, max_length=max_prompt_tokens)
+        ids, mask, _ = encode_prompts(fmt, task, part, max_prompt_tokens)
         out = generate(
             model,
             ids,
             mask,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=fmt.stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             temperature=temperature,
             greedy=greedy,
@@ -60,7 +75,7 @@ def sample_policy(
         chunks.append((ids, mask, out.response_ids, out.response_mask))
     responses: list[str] = []
     for _, _, rids, rmask in chunks:
-        responses += decode_responses(tokenizer, rids, rmask)
+        responses += decode_responses(tokenizer, rids, rmask, fmt.stop_ids)
     pad = int(tokenizer.pad_token_id)
     return Samples(
         records=list(records),
@@ -82,6 +97,7 @@ def _cat_padded(parts: list[torch.Tensor], value: int, *, left: bool) -> torch.T
 
 
 def gold_scores(task: Any, records: Sequence[Any], responses: Sequence[str]) -> list[float]:
+    """The task's gold score of each (record, response)."""
     return [float(task.gold_score(r, s)) for r, s in zip(records, responses, strict=True)]
 
 
@@ -93,6 +109,25 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
         1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True)
     )
     return wins / len(scores)
+
+
+def judge_win_rates(prob_a: Sequence[float]) -> tuple[float, float]:
+    """(soft, hard) win-rate of response a from a pairwise judge's ``P(a > b)`` per pair.
+
+    soft = ``mean_i p_i``; hard = ``mean_i [p_i > 0.5] + 0.5 [p_i = 0.5]``, i.e. each pair is
+    a win, a loss or (at exactly 0.5) a tie, as :func:`win_rate` counts gold scores.
+    """
+    if not prob_a:
+        raise ValueError("judge_win_rates needs at least one judged pair")
+    soft = sum(float(p) for p in prob_a) / len(prob_a)
+    return soft, win_rate([float(p) for p in prob_a], [0.5] * len(prob_a))
+
+
+def mean_length(response_mask: torch.Tensor) -> float:
+    """Mean response length in tokens of a (B, R) response mask (EOS counted, padding not)."""
+    if response_mask.dim() != 2 or response_mask.shape[0] == 0:
+        raise ValueError(f"expected a (B, R) mask, got shape {tuple(response_mask.shape)}")
+    return float(response_mask.float().sum(dim=1).mean())
 
 
 @torch.no_grad()
@@ -128,17 +163,31 @@ def sequence_kl(
 def sample_table(
     records: Sequence[Any],
     columns: dict[str, Sequence[str]],
-    scores: dict[str, Sequence[float]],
+    scores: dict[str, dict[str, Sequence[float]]],
     n: int,
+    pair_scores: dict[str, Sequence[float]] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
-    """Rows ``prompt | <name> | <name> gold ...`` for the first ``n`` prompts."""
+    """Rows ``prompt | <name> | <name> <score> ... | <pair score> ...`` for the first ``n``.
+
+    Args:
+        records: the prompt records, one per sample row.
+        columns: policy name -> its responses (one per record).
+        scores: policy name -> score name (``gold``, ``rm``) -> one value per record; a
+            policy may have none.
+        n: rows to show.
+        pair_scores: column name -> one value per record for the pair (e.g. the judge's
+            ``P(policy better)``), appended last.
+    """
     header = ["prompt"]
     for name in columns:
-        header += [name, f"{name} gold"]
+        header += [name, *(f"{name} {kind}" for kind in scores.get(name, {}))]
+    header += list(pair_scores or {})
     rows = []
     for i, rec in enumerate(records[:n]):
-        row: list[Any] = [rec.text]
+        row: list[Any] = [getattr(rec, "text", str(rec))]
         for name, responses in columns.items():
-            row += [responses[i], round(float(scores[name][i]), 3)]
+            row.append(responses[i])
+            row += [round(float(v[i]), 3) for v in scores.get(name, {}).values()]
+        row += [round(float(v[i]), 3) for v in (pair_scores or {}).values()]
         rows.append(row)
     return header, rows

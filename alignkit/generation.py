@@ -21,7 +21,14 @@ from transformers import PreTrainedTokenizerBase, TopKLogitsWarper, TopPLogitsWa
 from alignkit.lean_gpt2 import lean_decoder
 from alignkit.models import position_ids_from_mask, supports_logits_to_keep
 
-__all__ = ["GenerationOutput", "decode_responses", "generate", "sample_from", "tokenize_prompts"]
+__all__ = [
+    "GenerationOutput",
+    "decode_responses",
+    "generate",
+    "pad_prompts",
+    "sample_from",
+    "tokenize_prompts",
+]
 
 
 def tokenize_prompts(
@@ -29,7 +36,22 @@ def tokenize_prompts(
     texts: Sequence[str],
     max_length: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Tokenise prompts into a left-padded batch.
+    """Tokenise prompts into a left-padded batch (see :func:`pad_prompts`).
+
+    Returns:
+        ``(ids, mask)``, both (B, P) long tensors, P = longest (truncated) prompt.
+    """
+    if len(texts) == 0:
+        raise ValueError("no prompts given")
+    return pad_prompts(tokenizer, tokenizer(list(texts))["input_ids"], max_length)
+
+
+def pad_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into a batch.
 
     Prompts longer than ``max_length`` lose tokens from the *left*: the end of a prompt is what
     the response continues from, so it is the part to keep.
@@ -37,18 +59,18 @@ def tokenize_prompts(
     Returns:
         ``(ids, mask)``, both (B, P) long tensors, P = longest (truncated) prompt.
     """
-    if len(texts) == 0:
+    if len(encoded) == 0:
         raise ValueError("no prompts given")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    encoded = tokenizer(list(texts))["input_ids"]
+    rows = [list(ids) for ids in encoded]
     if max_length is not None:
-        encoded = [ids[-max_length:] for ids in encoded]
-    if any(len(ids) == 0 for ids in encoded):
+        rows = [ids[-max_length:] for ids in rows]
+    if any(len(ids) == 0 for ids in rows):
         # A row with no real token has nothing to attend to; fail here rather than with NaNs.
         raise ValueError("a prompt tokenised to zero tokens")
     batch = tokenizer.pad(
-        {"input_ids": encoded}, padding=True, padding_side="left", return_tensors="pt"
+        {"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt"
     )
     return batch["input_ids"].long(), batch["attention_mask"].long()
 
@@ -209,7 +231,7 @@ def generate(
     prompt_mask: Tensor,
     *,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -226,6 +248,8 @@ def generate(
             causal LM). Its train/eval mode is left as is; disable dropout for RL rollouts.
         prompt_ids: (B, P) left-padded prompt ids.
         prompt_mask: (B, P) 1 on real prompt tokens.
+        eos_token_id: the id, or ids, that end a row (e.g. EOS and a chat template's
+            end-of-turn token); the stop token is kept as the row's last response token.
         greedy: take the arg-max token instead of sampling (log-probs still use τ).
         generator: RNG for ``torch.multinomial``; same seed -> same samples.
         lean: decode a plain GPT-2 with :mod:`alignkit.lean_gpt2` (same maths, a
@@ -249,6 +273,9 @@ def generate(
     positions = position_ids_from_mask(mask)
     sharded = _is_sharded(model)  # checked once, not per token
     decode = _decoder(model, prompt_ids, mask, positions, max_new_tokens, lean)
+    stops = torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device
+    )
     logits = decode(None)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
@@ -269,7 +296,7 @@ def generate(
         if return_logprobs:
             token_logprob = torch.log_softmax(scaled, dim=-1).gather(-1, token[:, None])
             logprobs.append(torch.where(alive, token_logprob.squeeze(-1), 0.0))
-        finished = finished | (alive & (token == eos_token_id))
+        finished = finished | (alive & torch.isin(token, stops))
         # One host sync per token; it lets a batch that is done stop paying for more forwards.
         if step == max_new_tokens - 1 or _all_finished(finished, sharded):
             break
@@ -285,18 +312,23 @@ def generate(
 
 
 def decode_responses(
-    tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor
+    tokenizer: PreTrainedTokenizerBase,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """(B, R) ids and mask -> B strings, without EOS / padding and one leading space removed.
+    """(B, R) ids and mask -> B strings, without the stop token / padding and one leading space
+    removed.
 
-    The leading space comes from byte-level BPE, where a word after the prompt is encoded with
-    its separating space (" world").
+    ``stop_ids`` (default: the tokenizer's EOS) are the tokens a row may end with. The leading
+    space comes from byte-level BPE, where a word after the prompt is encoded with its
+    separating space (" world").
     """
     texts = []
-    eos = tokenizer.eos_token_id
+    stops = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
     for ids, mask in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
         kept = [tok for tok, keep in zip(ids, mask, strict=True) if keep]
-        if kept and kept[-1] == eos:
+        if kept and kept[-1] in stops:
             kept = kept[:-1]
         text = tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         texts.append(text.removeprefix(" "))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from alignkit.config import RewardConfig
+from alignkit.data.chat import Conversation, PromptFormat
 from alignkit.data.feedback import PreferenceGroup
 from alignkit.errors import ConfigError
 from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel, is_scalar_head_folder
@@ -57,19 +58,36 @@ def model_max_length(model: ScalarHeadModel, limit: int | None = None) -> int:
 
 
 def encode_parts(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+    conversations: Sequence[Conversation | None] | None = None,
+    template: str = "auto",
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) of ``prompt + " " + response + EOS`` per row.
+    """(prompt ids, response ids) per row, in the reward model's own format.
+
+    With ``conversations`` (each row's prompt messages, or None to use the row's text), every
+    row is rendered by this tokenizer's :class:`~alignkit.data.chat.PromptFormat` under
+    ``template``: its chat template if it has one, whatever the policy's was. Without, a row
+    is ``prompt + " " + response + EOS`` of the given prompt text.
 
     Prompt and response are tokenised apart (as in SFT), so the response tokens do not depend
     on how the prompt ends, and one prompt's rows share its ids exactly. A row longer than
-    ``max_length`` loses tokens from the left: the end of the response and the EOS, where the
-    reward is read, are kept.
+    ``max_length`` loses tokens from the left: the end of the response and its stop token,
+    where the reward is read, are kept.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return []
+    if conversations is not None:
+        return _encode_conversations(
+            PromptFormat(tokenizer, template, key="task.template"),
+            [p if c is None else c for p, c in zip(prompts, conversations, strict=True)],
+            responses,
+            max_length,
+        )
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     texts = [" " + r.strip() if r.strip() else "" for r in responses]
     r_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -80,11 +98,28 @@ def encode_parts(
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
     )
+    return [_cut_left(bos + p, r + eos, max_length) for p, r in zip(p_ids, r_ids, strict=True)]
+
+
+def _cut_left(head: list[int], tail: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    cut = max(0, len(head) + len(tail) - max_length)
+    return head[cut:], tail[max(0, cut - len(head)) :]
+
+
+def _encode_conversations(
+    fmt: PromptFormat,
+    prompts: Sequence[Conversation],
+    responses: Sequence[str],
+    max_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    # One prompt encoding per distinct conversation: a group's responses share it exactly.
+    cache: dict[str, list[int]] = {}
     parts = []
-    for p, r in zip(p_ids, r_ids, strict=True):
-        head, tail = bos + p, r + eos
-        cut = max(0, len(head) + len(tail) - max_length)
-        parts.append((head[cut:], tail[max(0, cut - len(head)) :]))
+    for prompt, response in zip(prompts, responses, strict=True):
+        key = prompt if isinstance(prompt, str) else repr([sorted(m.items()) for m in prompt])
+        if key not in cache:
+            cache[key] = fmt.encode_prompt(prompt)
+        parts.append(_cut_left(cache[key], fmt.encode_response(prompt, response), max_length))
     return parts
 
 
@@ -117,9 +152,18 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 class Scorer(Protocol):
-    """Anything that scores (prompt, response) texts: one model or an ensemble."""
+    """Anything that scores (prompt, response) texts: one model or an ensemble.
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor: ...
+    ``conversations`` optionally gives each row's prompt messages, which a scorer renders in
+    its own format instead of reading the prompt text.
+    """
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        conversations: Sequence[Conversation | None] | None = None,
+    ) -> Tensor: ...
 
 
 @dataclass
@@ -131,16 +175,27 @@ class RewardScorer:
     batch_size: int = 64
     max_length: int | None = None
     """Tokens per sequence; null: the backbone's position limit."""
+    template: str = "auto"
+    """How conversations are rendered for this model (``task.template``)."""
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        conversations: Sequence[Conversation | None] | None = None,
+    ) -> Tensor:
         """(B,) float32 normalised rewards, on the CPU.
 
-        Rows are sorted by length before batching, so a batch pads to similar lengths, and put
-        back in order afterwards.
+        ``conversations`` (optional, per row) are re-rendered in this model's own format
+        (:func:`encode_parts`). Rows are sorted by length before batching, so a batch pads to
+        similar lengths, and put back in order afterwards.
         """
         limit = model_max_length(self.model, self.max_length)
-        seqs = encode_texts(self.tokenizer, prompts, responses, limit)
+        parts = encode_parts(
+            self.tokenizer, prompts, responses, limit, conversations, self.template
+        )
+        seqs = [p + r for p, r in parts]
         out = torch.zeros(len(seqs), dtype=torch.float32)
         if not seqs:
             return out
@@ -186,12 +241,23 @@ class EnsembleScorer:
     mode: str = "mean"
     k: float = 1.0
 
-    def member_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+    def member_scores(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        conversations: Sequence[Conversation | None] | None = None,
+    ) -> Tensor:
         """(E, B) normalised score of each member."""
-        return torch.stack([m.score(prompts, responses) for m in self.members])
+        return torch.stack([m.score(prompts, responses, conversations) for m in self.members])
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
-        return ensemble_reward(self.member_scores(prompts, responses), self.mode, self.k)
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        conversations: Sequence[Conversation | None] | None = None,
+    ) -> Tensor:
+        scores = self.member_scores(prompts, responses, conversations)
+        return ensemble_reward(scores, self.mode, self.k)
 
 
 def member_folders(path: str | Path) -> list[Path]:
@@ -210,6 +276,7 @@ def load_scorer(
     batch_size: int = 64,
     max_length: int | None = None,
     key: str = "path",
+    template: str = "auto",
 ) -> RewardScorer:
     """A :class:`RewardScorer` for a trained reward-model folder; ``key`` names the config entry
     in errors."""
@@ -223,7 +290,9 @@ def load_scorer(
         )
     model = ScalarHeadModel.from_pretrained(folder, device=device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return RewardScorer(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    return RewardScorer(
+        model, tokenizer, batch_size=batch_size, max_length=max_length, template=template
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +302,10 @@ def load_scorer(
 
 @torch.no_grad()
 def fit_normalization(
-    scorer: RewardScorer, prompts: Sequence[str], responses: Sequence[str]
+    scorer: RewardScorer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    conversations: Sequence[Conversation | None] | None = None,
 ) -> tuple[float, float]:
     """Set the model's mean / std so its scores on these samples have mean 0 and std 1.
 
@@ -246,7 +318,7 @@ def fit_normalization(
     model = scorer.model
     model.mean.fill_(0.0)
     model.std.fill_(1.0)
-    raw = scorer.score(prompts, responses)
+    raw = scorer.score(prompts, responses, conversations)
     mean = float(raw.mean())
     std = max(float(raw.std(unbiased=False)), 1e-6)  # a constant model keeps a finite scale
     model.mean.fill_(mean)
@@ -299,6 +371,7 @@ def collate_groups(
     tokenizer: Any,
     max_length: int,
     target_stats: tuple[float, float] = (0.0, 1.0),
+    template: str = "auto",
 ) -> RewardBatch:
     """Encode a batch of groups; a (prompt, response) seen twice is encoded and run once.
 
@@ -308,6 +381,7 @@ def collate_groups(
     rows: dict[tuple[str, str], int] = {}
     prompts: list[str] = []
     responses: list[str] = []
+    convs: list[Conversation | None] = []
     k = max(len(g.responses) for g in groups)
     index = torch.full((len(groups), k), -1, dtype=torch.long)
     ranks = torch.full((len(groups), k), 1 << 30, dtype=torch.long)
@@ -324,6 +398,7 @@ def collate_groups(
                 rows[key] = len(prompts)
                 prompts.append(group.prompt)
                 responses.append(response)
+                convs.append(group.messages)
             index[g, j] = rows[key]
             ranks[g, j] = group.ranks[j]
             if group.scores is not None:
@@ -333,7 +408,8 @@ def collate_groups(
             rejected.append(int(index[g, b]))
             margins.append(float(margin))
             pair_group.append(g)
-    parts = encode_parts(tokenizer, prompts, responses, max_length)
+    with_messages = None if all(c is None for c in convs) else convs
+    parts = encode_parts(tokenizer, prompts, responses, max_length, with_messages, template)
     ids, mask = pad_right([p + r for p, r in parts], _pad_id(tokenizer))
     return RewardBatch(
         input_ids=ids,
@@ -384,11 +460,19 @@ def pairwise_accuracy(chosen: Tensor, rejected: Tensor) -> float:
     return float(wins.mean())
 
 
+def group_conversations(groups: Sequence[PreferenceGroup]) -> list[Conversation | None] | None:
+    """Each response row's prompt messages (None where a group has none), or None when no
+    group carries messages (the prompt texts are then encoded as they are)."""
+    if all(g.messages is None for g in groups):
+        return None
+    return [g.messages for g in groups for _ in g.responses]
+
+
 def score_groups(scorer: Scorer, groups: Sequence[PreferenceGroup]) -> list[list[float]]:
     """Each group's response scores, from one batched scoring call over all of them."""
     prompts = [g.prompt for g in groups for _ in g.responses]
     responses = [r for g in groups for r in g.responses]
-    flat = scorer.score(prompts, responses).tolist()
+    flat = scorer.score(prompts, responses, group_conversations(groups)).tolist()
     out, start = [], 0
     for g in groups:
         out.append(flat[start : start + len(g.responses)])
@@ -511,8 +595,15 @@ def scorer_for(ctx: RunContext, name: str) -> Scorer:
                 batch_size=int(node.batch_size),
                 max_length=node.max_length,
                 key=f"reward.{name}.path",
+                template=_template(ctx),
             )
     return ctx.state[key]
+
+
+def _template(ctx: RunContext) -> str:
+    from alignkit.prompts import template_mode
+
+    return template_mode(ctx.cfg)
 
 
 def _ensemble_from_config(ctx: RunContext, name: str, node: Any) -> EnsembleScorer:
@@ -533,6 +624,7 @@ def _ensemble_from_config(ctx: RunContext, name: str, node: Any) -> EnsembleScor
             batch_size=int(node.batch_size),
             max_length=node.max_length,
             key=f"reward.{name}.paths",
+            template=_template(ctx),
         )
         for p in paths
     ]
@@ -546,7 +638,21 @@ def reward_hook(ctx: RunContext, batch: Rollout, name: str) -> dict[str, Tensor]
     policy's.
     """
     prompts, responses = rollout_texts(batch, ctx.tokenizer)
-    return {name: scorer_for(ctx, name).score(prompts, responses)}
+    return {
+        name: scorer_for(ctx, name).score(prompts, responses, rollout_conversations(ctx, batch))
+    }
+
+
+def rollout_conversations(ctx: RunContext, batch: Rollout) -> list[Conversation | None] | None:
+    """The batch's prompt conversations from the task's records (None without records), so
+    a reward model renders them in its own format."""
+    from alignkit.prompts import conversation, template_mode
+
+    records = list(batch.records)
+    if len(records) != batch.num_rows or ctx.task is None:
+        return None
+    raw = template_mode(ctx.cfg) == "raw"
+    return [conversation(ctx.task, r, raw) for r in records]
 
 
 def use_trained_reward_model(cfg: Any, path: str | Path) -> list[str]:

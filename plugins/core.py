@@ -12,10 +12,13 @@ from typing import Any
 import torch
 
 from alignkit import Rollout, RunContext, hookimpl
-from alignkit.generation import decode_responses, generate, tokenize_prompts
+from alignkit.data.chat import PromptFormat
+from alignkit.generation import decode_responses, generate
 from alignkit.models import response_logprobs
+from alignkit.prompts import encode_prompts, prompt_format
 from alignkit.registry import ComponentRegistry
 from alignkit.tasks import AssistTask
+from alignkit.tasks.data import DataTask
 
 
 @hookimpl
@@ -26,26 +29,39 @@ def register_components(registry: ComponentRegistry) -> None:
     from alignkit.stages.sft import run_sft
 
     registry.add("task", "assist", AssistTask)
+    registry.add("task", "data", DataTask)
     registry.add("stage", "sft", run_sft)
     registry.add("stage", "rl", lambda ctx: run_rl(ctx)[0])
     registry.add("stage", "eval", run_eval)
     registry.add("stage", "pipeline", run_pipeline)
 
 
+def policy_format(ctx: RunContext) -> PromptFormat:
+    """The policy's prompt format (chat template or plain, ``task.template``), built once per
+    run; its stop ids are the tokenizer's EOS, the generation config's and the template's."""
+    key = "core/prompt_format"
+    fmt = ctx.state.get(key)
+    if fmt is None or fmt.tokenizer is not ctx.tokenizer:
+        fmt = ctx.state[key] = prompt_format(ctx.cfg, ctx.tokenizer, ctx.policy)
+    return fmt
+
+
 @hookimpl(trylast=True)
 def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
     """Sample ``rl.samples_per_prompt`` responses per prompt with the current policy.
 
-    Prompts are left-padded; sampling uses the KV cache and the run's seeded generator; the
-    sampling log-probs are taken once here (from ``logits / temperature``), and the reference
-    log-probs only when a KL term is configured (``rl.kl_coef > 0``). The seconds of sampling and
-    of the reference forward are logged as ``time/rollout/generation`` and ``time/rollout/ref``.
+    Prompts are rendered in the policy's format (:mod:`alignkit.prompts`) and left-padded;
+    a row ends at any of the format's stop ids; sampling uses the KV cache and the run's
+    seeded generator; the sampling log-probs are taken once here (from ``logits /
+    temperature``), and the reference log-probs only when a KL term is configured
+    (``rl.kl_coef > 0``). The seconds of sampling and of the reference forward are logged as
+    ``time/rollout/generation`` and ``time/rollout/ref``.
     """
     start = time.perf_counter()
     rl, tok, policy = ctx.cfg.rl, ctx.tokenizer, ctx.policy
     group = int(rl.samples_per_prompt)
-    texts = [ctx.task.format_prompt(r) for r in records]
-    ids, mask = tokenize_prompts(tok, texts, max_length=int(ctx.cfg.task.max_prompt_tokens))
+    fmt = policy_format(ctx)
+    ids, mask, texts = encode_prompts(fmt, ctx.task, records, int(ctx.cfg.task.max_prompt_tokens))
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
     was_training = policy.training
@@ -55,7 +71,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         ids,
         mask,
         max_new_tokens=int(rl.max_new_tokens),
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=fmt.stop_ids,
         pad_token_id=tok.pad_token_id,
         temperature=float(rl.temperature),
         top_k=int(rl.top_k),
@@ -71,7 +87,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         response_mask=out.response_mask.float(),
         group_ids=torch.arange(len(records)).repeat_interleave(group),
         prompts=[t for t in texts for _ in range(group)],
-        responses=decode_responses(tok, out.response_ids, out.response_mask),
+        responses=decode_responses(tok, out.response_ids, out.response_mask, fmt.stop_ids),
         records=[r for r in records for _ in range(group)],
         finished=out.finished,
         logprobs=out.logprobs,

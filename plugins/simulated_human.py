@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignkit import RunContext, hookimpl
+from alignkit.errors import ConfigError
 from alignkit.registry import ComponentRegistry
 from alignkit.tasks import SimulatedHuman
 
@@ -38,6 +39,12 @@ class SimulatedHumanAnnotator:
 
 def build(ctx: RunContext) -> SimulatedHumanAnnotator:
     """The annotator for ``ctx.task`` configured by ``feedback.*``."""
+    if not hasattr(ctx.task, "gold_score"):
+        raise ConfigError(
+            f"feedback.annotator=simulated_human needs a task with a gold oracle, and "
+            f"task={ctx.cfg.task.name} has none: give the reward model your preference data "
+            "(task.preference_data), or label with an AI judge (feedback.annotator=rlaif)"
+        )
     fcfg = ctx.cfg.feedback
     human = SimulatedHuman(
         ctx.task,

@@ -159,7 +159,8 @@ def test_malformed_data_file_names_file_line_and_field(tmp_path: Path) -> None:
     data.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n')
     proc = run_cli(["stage=sft", *SMOKE, f"task.sft_data={data}", f"run_dir={tmp_path / 'r'}"])
     assert proc.returncode == 2
-    assert f"{data}:3: missing field 'response'" in proc.stderr
+    # Without "response" the line is read as a standard prompt/completion record.
+    assert f"{data}:3: missing field 'completion'" in proc.stderr
     data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
     proc = run_cli(["stage=sft", *SMOKE, f"task.sft_data={data}", f"run_dir={tmp_path / 'r'}"])
     assert f"{data}:2: invalid JSON" in proc.stderr

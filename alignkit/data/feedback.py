@@ -501,6 +501,9 @@ class PreferenceGroup:
     pairs: list[tuple[int, int, float]]
     scores: list[float] | None = None
     source: str = ""
+    messages: Any = None
+    """The prompt's conversation (a message list, or verbatim text), when known: a reward
+    model renders it in its own format instead of reading ``prompt``."""
 
     @property
     def key(self) -> str:

@@ -5,6 +5,10 @@ device; the verdict options are then scored by teacher forcing on
 ``context + critique + verdict prefix``, so ``option_logprobs`` are exact sequence
 log-probabilities (the sum over an option's tokens), not a top-k approximation.
 
+A judge whose tokenizer has a chat template reads each judge prompt as one user turn in that
+template (the critique and the verdict are then its reply); one without reads the prompt as
+plain text, as the built-in task's tiny judge was trained to.
+
 Shapes: B = contexts in a chunk, O = verdict options, P = prefix length, L = the longest
 option in tokens.
 """
@@ -16,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from alignkit.generation import generate, tokenize_prompts
+from alignkit.data.chat import PromptFormat
+from alignkit.generation import generate, pad_prompts
 from alignkit.judges.base import JudgeError, RawVerdict, cut_critique
 from alignkit.models import load_causal_lm, position_ids_from_mask, sequence_logprobs
 
@@ -33,6 +38,8 @@ class LocalJudge:
         max_critique_tokens: generation budget for critique plus verdict.
         max_length: tokens kept of each context (from the right); null: the model's limit
             minus the generation budget.
+        template: ``auto`` (the judge tokenizer's chat template when it has one), ``chat``
+            or ``plain`` (the judge prompt as raw text).
     """
 
     def __init__(
@@ -45,11 +52,13 @@ class LocalJudge:
         batch_size: int = 64,
         max_critique_tokens: int = 40,
         max_length: int | None = None,
+        template: str = "auto",
     ) -> None:
         self.name = f"local:{path}"
         self.model, self.tokenizer = load_causal_lm(
             path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
+        self.format = PromptFormat(self.tokenizer, template, key="judge template", model=self.model)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.max_critique_tokens = int(max_critique_tokens)
@@ -60,14 +69,27 @@ class LocalJudge:
 
     # -- generation
 
+    def render(self, context: str) -> str:
+        """The judge prompt as this model reads it: a user turn in its chat template, or the
+        text itself."""
+        if not self.format.chat:
+            return context
+        return self.format.prompt_text([{"role": "user", "content": context}])
+
+    def _encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        # A rendered chat template carries its own BOS; plain text gets the default tokens.
+        special = not self.format.chat
+        rows = [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        return pad_prompts(self.tokenizer, rows, max_length=self.max_length)
+
     def _generate(self, contexts: Sequence[str], max_new_tokens: int) -> list[str]:
-        ids, mask = tokenize_prompts(self.tokenizer, contexts, max_length=self.max_length)
+        ids, mask = self._encode([self.render(c) for c in contexts])
         out = generate(
             self.model,
             ids.to(self.device),
             mask.to(self.device),
             max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.format.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             greedy=True,
             return_logprobs=False,
@@ -77,15 +99,15 @@ class LocalJudge:
     def _decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Generated texts without EOS and padding, leading space kept: it belongs to the token
         that follows "Critique:" (unlike :func:`alignkit.generation.decode_responses`)."""
-        eos, texts = self.tokenizer.eos_token_id, []
+        stops, texts = set(self.format.stop_ids), []
         for ids, mask in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
-            kept = [t for t, m in zip(ids, mask, strict=True) if m and t != eos]
+            kept = [t for t, m in zip(ids, mask, strict=True) if m and t not in stops]
             texts.append(self.tokenizer.decode(kept, clean_up_tokenization_spaces=False))
         return texts
 
     @torch.no_grad()
     def option_logprobs(self, prefixes: Sequence[str], options: Sequence[str]) -> Tensor:
-        """(B, O) log-probability of each option's tokens after each prefix.
+        """(B, O) log-probability of each option's tokens after each (rendered) prefix.
 
         A one-token option set takes one forward of the prefixes (the next-token
         distribution); longer options are teacher-forced as ``[left-padded prefix |
@@ -95,7 +117,7 @@ class LocalJudge:
         option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
         if any(not ids for ids in option_ids):
             raise JudgeError(f"a verdict option tokenises to nothing: {list(options)}")
-        ids, mask = tokenize_prompts(tok, prefixes, max_length=self.max_length)
+        ids, mask = self._encode(prefixes)
         ids, mask = ids.to(self.device), mask.to(self.device)
         if all(len(o) == 1 for o in option_ids):
             logits = self.model(
@@ -129,7 +151,9 @@ class LocalJudge:
             chunk = list(contexts[start : start + self.batch_size])
             texts = self._generate(chunk, self.max_critique_tokens)
             critiques = [cut_critique(t, verdict_prefix) for t in texts]
-            prefixes = [c + k + verdict_prefix for c, k in zip(chunk, critiques, strict=True)]
+            prefixes = [
+                self.render(c) + k + verdict_prefix for c, k in zip(chunk, critiques, strict=True)
+            ]
             lps = self.option_logprobs(prefixes, options)
             for text, crit, row in zip(texts, critiques, lps.tolist(), strict=True):
                 out.append(RawVerdict(crit, dict(zip(options, row, strict=True)), text))

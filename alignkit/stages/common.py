@@ -28,17 +28,23 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_task(ctx: RunContext) -> Any:
-    """The configured task component (``task.name``)."""
+    """The configured task component (``task.name``).
+
+    A factory with ``from_config`` gets the whole ``task`` node; others get ``seed`` and
+    ``max_operand``, as the built-in task does.
+    """
     tcfg = ctx.cfg.task
-    return ctx.registry.build(
-        "task", tcfg.name, seed=int(tcfg.seed), max_operand=int(tcfg.max_operand)
-    )
+    factory = ctx.registry.get("task", str(tcfg.name))
+    if hasattr(factory, "from_config"):
+        return factory.from_config(tcfg)
+    return factory(seed=int(tcfg.seed), max_operand=int(tcfg.max_operand))
 
 
 def train_prompts(ctx: RunContext) -> list[Any]:
-    """RL prompts: ``task.prompt_data`` if set, else the task's training split."""
+    """RL prompts: the task's training split; for a task that does not read
+    ``task.prompt_data`` itself (the built-in one), that file's records."""
     path = ctx.cfg.task.prompt_data
-    if path:
+    if path and not hasattr(ctx.task, "examples"):
         return read_prompt_records(path, type(ctx.task.train_prompts()[0]))
     return ctx.task.train_prompts()
 

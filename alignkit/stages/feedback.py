@@ -26,6 +26,7 @@ from alignkit.context import RunContext
 from alignkit.data.feedback import FORMATS, Annotator, check_feedback, label, write_feedback_jsonl
 from alignkit.errors import ConfigError
 from alignkit.evaluation import sample_policy
+from alignkit.prompts import prompt_format
 from alignkit.stages.common import load_model
 from alignkit.tracking import console
 
@@ -114,6 +115,7 @@ def sample_responses(
         batch_size=int(fcfg.batch_size),
         max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
         generator=torch.Generator().manual_seed(int(fcfg.seed)),
+        fmt=prompt_format(ctx.cfg, tokenizer, policy),
     )
     out = samples.responses
     return [list(dict.fromkeys(out[i * k : (i + 1) * k])) for i in range(len(records))]

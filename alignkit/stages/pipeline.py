@@ -3,9 +3,12 @@
 1. SFT on demonstrations -> ``<run_dir>/sft``;
 2. when a learned reward is configured (a ``reward=`` plugin that trains a reward model):
    feedback from the annotator on the SFT policy's samples -> ``<run_dir>/feedback``, then a
-   reward model trained on it -> ``<run_dir>/reward_model``, which scores the RL rollouts;
+   reward model trained on it -> ``<run_dir>/reward_model``, which scores the RL rollouts
+   (with ``task=data`` and ``task.preference_data`` the reward model trains on that data
+   directly, with no feedback stage);
 3. online RL from the SFT policy -> ``<run_dir>/rl/policy``;
-4. gold-oracle evaluation of the RL policy against the SFT policy on held-out prompts.
+4. evaluation of the RL policy against the SFT policy on held-out prompts: gold oracle,
+   reward model and LLM judge, whichever are available (``docs/evaluation.md``).
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ def _has_model(node: object) -> bool:
 def train_reward_model(ctx: RunContext, policy: Path, names: list[str]) -> dict[str, float]:
     """Feedback on ``policy``'s samples, a reward model on it, wired into ``reward.<name>``."""
     from alignkit.stages.feedback import run_feedback
-    from alignkit.stages.reward_model import run_reward_model
+    from alignkit.stages.reward_model import run_reward_model, task_preferences
 
-    summary = dict(run_feedback(ctx, policy_path=policy))
-    summary.update(run_reward_model(ctx, data=[ctx.run_dir / "feedback"], backbone=policy))
+    if task_preferences(ctx):  # the task's own preference data: no feedback stage
+        summary = dict(run_reward_model(ctx, backbone=policy))
+    else:
+        summary = dict(run_feedback(ctx, policy_path=policy))
+        summary.update(run_reward_model(ctx, data=[ctx.run_dir / "feedback"], backbone=policy))
     rm_dir = str(ctx.run_dir / "reward_model")
     with open_dict(ctx.cfg):
         for name in names:

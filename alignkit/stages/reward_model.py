@@ -37,12 +37,21 @@ from torch import Tensor
 
 from alignkit.backends import Backend, CPUBackend
 from alignkit.context import RunContext
-from alignkit.data.feedback import PreferenceGroup, load_feedback, to_groups
+from alignkit.data.chat import Conversation
+from alignkit.data.feedback import (
+    PairwiseFeedback,
+    PreferenceGroup,
+    RatingFeedback,
+    check_feedback,
+    load_feedback,
+    to_groups,
+)
 from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
 from alignkit.models import ScalarHeadModel
 from alignkit.optim import adamw
+from alignkit.prompts import conversation, prompt_format, template_mode
 from alignkit.reward_models import (
     EnsembleScorer,
     RewardBatch,
@@ -173,6 +182,8 @@ class TrainSettings:
     log_every: int = 10
     score_rows: int = 64
     """Sequences per forward: a step's sequences go through in length-sorted chunks."""
+    template: str = "auto"
+    """How groups' conversations are rendered (``task.template``)."""
 
 
 def settings_from_config(rcfg: Any, train_groups: int, seed: int) -> TrainSettings:
@@ -294,7 +305,9 @@ def train_reward_model(
     with _progress_bar(progress_label, settings.steps) as advance:
         for step in range(settings.steps):
             share = backend.shard(next(batches))
-            batch = collate_groups([groups[i] for i in share], tokenizer, max_length, stats)
+            batch = collate_groups(
+                [groups[i] for i in share], tokenizer, max_length, stats, settings.template
+            )
             with backend.autocast():
                 ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
                 if backend.distributed:  # every forward is collective: one per rank and step
@@ -356,8 +369,8 @@ def _progress_bar(label: str | None, total: int) -> Iterator[Callable[[str], Non
 
 def normalization_samples(
     ctx: RunContext, groups: Sequence[PreferenceGroup]
-) -> tuple[list[str], list[str]]:
-    """(prompts, responses) of the reference policy: fresh samples of
+) -> tuple[list[str], list[str], list[Conversation | None] | None]:
+    """(prompts, responses, conversations) of the reference policy: fresh samples of
     ``reward_model.normalize_policy``, else the feedback's own responses (a seeded subset)."""
     rcfg = ctx.cfg.reward_model
     limit = int(rcfg.normalize_samples)
@@ -376,12 +389,58 @@ def normalization_samples(
             batch_size=int(ctx.cfg.feedback.batch_size),
             max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
             generator=torch.Generator().manual_seed(int(ctx.cfg.seed) + 7),
+            fmt=prompt_format(ctx.cfg, tokenizer, policy),
         )
-        return [ctx.task.format_prompt(r) for r in records], samples.responses
+        raw = template_mode(ctx.cfg) == "raw"
+        convs: list[Conversation | None] = [conversation(ctx.task, r, raw) for r in records]
+        return [ctx.task.format_prompt(r) for r in records], samples.responses, convs
+    messages = {g.prompt: g.messages for g in groups}
     pairs = list(dict.fromkeys((g.prompt, r) for g in groups for r in g.responses))
     if len(pairs) > limit:
         pairs = random.Random(int(ctx.cfg.seed)).sample(pairs, limit)
-    return [p for p, _ in pairs], [r for _, r in pairs]
+    found = [messages.get(p) for p, _ in pairs]
+    return [p for p, _ in pairs], [r for _, r in pairs], found if any(found) else None
+
+
+def task_preferences(ctx: RunContext) -> list[PairwiseFeedback | RatingFeedback]:
+    """The task's own preference data (``task.preference_data`` of ``task=data``) as
+    feedback records; empty for a task without any.
+
+    A pair becomes a pairwise record; an unpaired KTO-style record becomes a rating of 1
+    (desirable) or 0, so a prompt's desirable responses are preferred to its undesirable
+    ones (:func:`alignkit.data.feedback.to_groups`) under every reward-model loss.
+    """
+    prefs = getattr(ctx.task, "preferences", None)
+    if prefs is None:
+        return []
+    source = str(ctx.cfg.task.preference_data)
+    out: list[PairwiseFeedback | RatingFeedback] = []
+    for p in prefs():
+        prompt = ctx.task.format_prompt(p.prompt)
+        if hasattr(p, "chosen"):
+            out.append(
+                PairwiseFeedback(prompt, p.chosen, p.rejected, p.margin, p.prompt.id, source)
+            )
+        else:
+            score = 1.0 if p.label else 0.0
+            out.append(RatingFeedback(prompt, p.completion, score, None, p.prompt.id, source))
+    return out
+
+
+def attach_conversations(ctx: RunContext, groups: Sequence[PreferenceGroup]) -> None:
+    """Give each group whose ``prompt_id`` the task knows that prompt's conversation, so the
+    reward model renders it in its own format (its chat template, ``task.template``)."""
+    task = ctx.task
+    if task is None or not hasattr(task, "all_prompts"):
+        return
+    raw = template_mode(ctx.cfg) == "raw"
+    records = {str(getattr(r, "id", "")): r for r in task.all_prompts()}
+    for pref in getattr(task, "preferences", list)():
+        records.setdefault(pref.prompt.id, pref.prompt)
+    for group in groups:
+        record = records.get(str(group.prompt_id)) if group.prompt_id is not None else None
+        if record is not None:
+            group.messages = conversation(task, record, raw)
 
 
 def _task_records(task: Any) -> dict[str, Any]:
@@ -439,6 +498,7 @@ def _train_member(
         backbone, trust_remote_code=bool(ctx.cfg.model.trust_remote_code)
     )
     settings = settings_from_config(rcfg, len(train), seed)
+    settings.template = template_mode(ctx.cfg)
     suffix = f" {index}" if int(rcfg.ensemble_size) > 1 else ""
 
     def log(metrics: dict[str, float], step: int) -> None:
@@ -456,7 +516,11 @@ def _train_member(
         backend=ctx.backend,
     )
     scorer = RewardScorer(
-        model, tokenizer, batch_size=int(rcfg.score_batch_size), max_length=int(rcfg.max_length)
+        model,
+        tokenizer,
+        batch_size=int(rcfg.score_batch_size),
+        max_length=int(rcfg.max_length),
+        template=settings.template,
     )
     return scorer, metrics
 
@@ -492,12 +556,18 @@ def run_reward_model(
     # Under several ranks the feedback may just have been written by rank 0 (pipeline).
     ctx.backend.barrier()
     loss_name, loss_fn = select_loss(ctx)
-    paths = resolve_data(ctx, data)
+    task_prefs = [] if data or ctx.cfg.reward_model.data else task_preferences(ctx)
+    paths = [str(ctx.cfg.task.preference_data)] if task_prefs else resolve_data(ctx, data)
     backbone_path = resolve_backbone(ctx, backbone)
-    records, report = load_feedback(paths)
+    if task_prefs:
+        records: list[Any] = task_prefs
+        report = check_feedback(records)
+    else:
+        records, report = load_feedback(paths)
     for line in report.lines():
         console.print(f"reward_model data: {line}")
     groups = usable_groups(to_groups(records, loss_attribute(loss_fn)), loss_fn)
+    attach_conversations(ctx, groups)
     if not groups:
         raise DataError(
             f"{', '.join(paths)}: no feedback that reward={loss_name} can learn from "
@@ -540,8 +610,8 @@ def _normalize(
 ) -> dict[str, float]:
     if not bool(ctx.cfg.reward_model.normalize):
         return {"rm_norm_mean": 0.0, "rm_norm_std": 1.0}
-    prompts, responses = normalization_samples(ctx, groups)
-    stats = [fit_normalization(m, prompts, responses) for m in members]
+    prompts, responses, convs = normalization_samples(ctx, groups)
+    stats = [fit_normalization(m, prompts, responses, convs) for m in members]
     return {
         "rm_norm_mean": sum(s[0] for s in stats) / len(stats),
         "rm_norm_std": sum(s[1] for s in stats) / len(stats),

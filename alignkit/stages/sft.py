@@ -17,33 +17,53 @@ import torch
 from rich.progress import Progress
 
 from alignkit.context import RunContext
-from alignkit.data import read_sft_pairs
+from alignkit.data.chat import Conversation, PromptFormat
+from alignkit.data.demonstrations import read_demonstrations
 from alignkit.engine import _progress
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import gold_scores, sample_policy
 from alignkit.optim import adamw
+from alignkit.prompts import conversation, prompt_format
+from alignkit.reward_models import model_max_length
 from alignkit.stages.common import base_model_path, linear_warmup_decay, load_model
 from alignkit.tracking import console
 
 
-def demonstration_pairs(ctx: RunContext) -> list[tuple[str, str]]:
-    """(prompt as the model sees it, response text) pairs from a file or the task."""
+def demonstration_pairs(ctx: RunContext, fmt: PromptFormat) -> list[tuple[Conversation, str]]:
+    """(prompt, response text) pairs: the prompt as a conversation, or verbatim text.
+
+    From the task's own examples (``task=data``), else ``task.sft_data`` (standard formats, or
+    ``{"prompt": ..., "response": ...}`` lines whose prompt is the verbatim text the model
+    sees), else the task's synthetic demonstrations.
+    """
+    task = ctx.task
+    if hasattr(task, "examples"):
+        return [(conversation(task, e.prompt, fmt.raw_text), e.completion) for e in task.examples()]
     if ctx.cfg.task.sft_data:
-        return read_sft_pairs(ctx.cfg.task.sft_data)
-    demos = ctx.task.demonstrations(int(ctx.cfg.task.demonstrations), seed=int(ctx.cfg.seed))
-    return [(ctx.task.format_prompt(d.prompt), d.response) for d in demos]
+        return read_demonstrations(str(ctx.cfg.task.sft_data), fmt)
+    demos = task.demonstrations(int(ctx.cfg.task.demonstrations), seed=int(ctx.cfg.seed))
+    return [(conversation(task, d.prompt, fmt.raw_text), d.response) for d in demos]
 
 
 def encode_pairs(
-    tokenizer: Any, pairs: list[tuple[str, str]], max_length: int
+    fmt: PromptFormat, pairs: list[tuple[Conversation, str]], max_length: int
 ) -> list[tuple[list[int], int]]:
-    """Token ids of ``prompt + " " + response + EOS`` and the index where the response starts."""
+    """Token ids of prompt + response (closed by EOS or the template's end-of-turn token) and
+    the index where the response starts: the loss is on the assistant's reply only.
+
+    A pair longer than ``max_length`` loses the end of its response, never its prompt; a
+    prompt that alone leaves no room for a response token is refused with its index.
+    """
     encoded = []
-    for prompt, response in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"]
-        ids = (p + r + [tokenizer.eos_token_id])[-max_length:]
-        encoded.append((ids, max(0, len(ids) - len(r) - 1)))
+    for i, (prompt, response) in enumerate(pairs):
+        p, r = fmt.encode(prompt, response)
+        if len(p) >= max_length:
+            raise DataError(
+                f"demonstration {i + 1}: its prompt has {len(p)} tokens, which leaves no room "
+                f"for the response within {max_length} (sft.max_length or the model's context)"
+            )
+        ids = (p + r)[:max_length]
+        encoded.append((ids, len(p)))
     return encoded
 
 
@@ -106,8 +126,20 @@ def distributed_sft_loss(
     return loss * backend.world_size, value
 
 
-def gold_eval(ctx: RunContext, model: torch.nn.Module, tokenizer: Any) -> tuple[float, list[str]]:
-    """Mean gold score of sampled responses on held-out prompts (seeded)."""
+def sft_max_length(ctx: RunContext, model: Any) -> int:
+    """``sft.max_length``, else the model's context size (its position table)."""
+    if ctx.cfg.sft.get("max_length"):
+        return int(ctx.cfg.sft.max_length)
+    return model_max_length(model)
+
+
+def gold_eval(
+    ctx: RunContext, model: torch.nn.Module, tokenizer: Any
+) -> tuple[float | None, list[str]]:
+    """Mean gold score of sampled responses on held-out prompts (seeded); None without an
+    oracle."""
+    if not hasattr(ctx.task, "gold_score"):
+        return None, []
     records = ctx.task.eval_prompts()[: int(ctx.cfg.eval.num_prompts)]
     gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 1)
     samples = sample_policy(
@@ -121,6 +153,7 @@ def gold_eval(ctx: RunContext, model: torch.nn.Module, tokenizer: Any) -> tuple[
         batch_size=int(ctx.cfg.eval.batch_size),
         max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
         generator=gen,
+        fmt=prompt_format(ctx.cfg, tokenizer, model),
     )
     scores = gold_scores(ctx.task, records, samples.responses)
     return sum(scores) / len(scores), samples.responses
@@ -131,8 +164,9 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
     cfg = ctx.cfg.sft
     backend = ctx.backend
     model, tokenizer = load_model(ctx, base_model_path(ctx))
-    pairs = demonstration_pairs(ctx)
-    data = encode_pairs(tokenizer, pairs, max_length=int(ctx.cfg.model.tiny.n_positions))
+    fmt = prompt_format(ctx.cfg, tokenizer, model)
+    pairs = demonstration_pairs(ctx, fmt)
+    data = encode_pairs(fmt, pairs, max_length=sft_max_length(ctx, model))
     gold_before, _ = gold_eval(ctx, model, tokenizer)
     if backend.distributed and int(cfg.batch_size) % backend.world_size:
         raise ConfigError(
@@ -193,12 +227,10 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
         save_policy(ctx, plain, tokenizer, out)
     backend.barrier()
     console.print(f"SFT policy saved to {out}")
-    return {
-        "sft_loss": loss_value,
-        "gold_score_base": gold_before,
-        "gold_score_sft": gold_after,
-        "sft_examples": float(len(data)),
-    }
+    summary = {"sft_loss": loss_value, "sft_examples": float(len(data))}
+    if gold_before is not None and gold_after is not None:
+        summary |= {"gold_score_base": gold_before, "gold_score_sft": gold_after}
+    return summary
 
 
 def _advance(progress: Progress, bar: Any, info: str) -> None:

@@ -490,6 +490,12 @@ class AssistTask:
         """
         return " " + response.strip()
 
+    def prompt_messages(self, record: PromptRecord) -> list[dict[str, str]]:
+        """The prompt as a conversation of one user turn. The plain format renders it exactly
+        as :meth:`format_prompt`; a model whose tokenizer has a chat template reads it in that
+        template (``task.template``)."""
+        return [{"role": "user", "content": record.text}]
+
     # -- responses
 
     def response_variants(self, record: PromptRecord, rng: random.Random) -> dict[str, str]:

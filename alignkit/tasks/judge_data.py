@@ -46,7 +46,7 @@ from alignkit.judges.verdict import spearman
 from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
 from alignkit.optim import adamw
 from alignkit.stages.common import linear_warmup_decay
-from alignkit.stages.sft import collate, encode_pairs, sft_loss
+from alignkit.stages.sft import collate, sft_loss
 
 # The oracle's own word helpers, filler and markers, so explanations agree with its scores.
 from alignkit.tasks.assist import (
@@ -319,7 +319,7 @@ def build_judge(
     scratch = out.parent / f".{out.name}.base"
     build_tiny_model(scratch, _judge_corpus(examples, task), spec)
     model, tokenizer = load_causal_lm(scratch)
-    data = encode_pairs(tokenizer, examples, max_length=int(cfg.n_positions))
+    data = encode_text_pairs(tokenizer, examples, max_length=int(cfg.n_positions))
     loss = _train(model, tokenizer, data, cfg, seed, log)
     model.eval()
 
@@ -340,6 +340,24 @@ def build_judge(
         "judge_loss": loss,
         "judge_train_seconds": time.perf_counter() - t0,
     }
+
+
+def encode_text_pairs(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int
+) -> list[tuple[list[int], int]]:
+    """Ids of ``context + " " + target + EOS`` and where the target starts.
+
+    The judge's contexts are verbatim text (no chat template) and the longest of them lose
+    tokens from the left, the instructions before the response judged, which keeps the verdict
+    and its evidence in view.
+    """
+    encoded = []
+    for context, target in pairs:
+        p = tokenizer(context, add_special_tokens=False)["input_ids"]
+        r = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+        ids = (p + r + [tokenizer.eos_token_id])[-max_length:]
+        encoded.append((ids, max(0, len(ids) - len(r) - 1)))
+    return encoded
 
 
 def _train(
