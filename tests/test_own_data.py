@@ -255,3 +255,18 @@ def test_feedback_from_the_simulated_human_needs_a_gold_oracle(
     assert proc.returncode == 2
     assert "feedback.annotator=simulated_human needs a task with a gold oracle" in proc.stderr
     assert "task.preference_data" in proc.stderr
+
+
+def test_a_pipeline_with_nothing_to_evaluate_by_fails_before_training(tmp_path: Path) -> None:
+    """Own data, a rule-based reward only, no judge: refused at once, not after RL."""
+    args = [
+        "task=data",
+        f"task.sft_data={DATA / 'sft.jsonl'}",
+        "reward=[eos_penalty]",
+        f"run_dir={tmp_path}",
+        "logger=none",
+    ]
+    proc = run_cli(args)
+    assert proc.returncode == 2
+    assert "evaluation would have nothing to judge the RL policy by" in proc.stderr
+    assert not (tmp_path / "sft").exists()

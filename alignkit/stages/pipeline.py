@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import open_dict
 
 from alignkit.context import RunContext
+from alignkit.errors import ConfigError
 from alignkit.stages.common import load_model
 from alignkit.stages.evaluate import compare_policies
 from alignkit.stages.rl import run_rl
@@ -62,8 +63,26 @@ def train_reward_model(ctx: RunContext, policy: Path, names: list[str]) -> dict[
     return summary
 
 
+def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
+    """Fail before training when the final evaluation would have nothing to judge by: no gold
+    oracle, no reward model (trained here, given, or ``eval.reward_model``) and no judge."""
+    if hasattr(ctx.task, "gold_score") or learned or ctx.cfg.eval.reward_model:
+        return
+    if str(ctx.cfg.eval.judge.backend) != "none":
+        return
+    if any(_has_model(node) for node in (ctx.cfg.get("reward") or {}).values()):
+        return
+    raise ConfigError(
+        f"the pipeline's evaluation would have nothing to judge the RL policy by: "
+        f"task={ctx.cfg.task.name} has no gold oracle, no learned reward model is trained or "
+        "given, and no judge is configured; set eval.judge.backend=http with eval.judge.url "
+        "(or backend=local with eval.judge.path), or eval.reward_model=<folder>"
+    )
+
+
 def run_pipeline(ctx: RunContext) -> dict[str, float]:
     summary: dict[str, float] = {}
+    check_evaluable(ctx, learned_rewards(ctx))
     summary.update(run_sft(ctx))
     sft_dir = ctx.run_dir / "sft"
     names = learned_rewards(ctx)
