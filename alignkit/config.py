@@ -39,7 +39,10 @@ class LoraConfig:
     """Adapter rank; 0 trains all weights."""
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    target_modules: Any = "all-linear"
+    """Modules to adapt: ``all-linear`` (every linear layer but the output head, on any
+    architecture; on GPT-2 that is ``c_attn``, ``c_proj`` and ``c_fc``), a list of module
+    names, a regex, or null for ``peft``'s defaults of the architecture."""
 
 
 @dataclass

@@ -20,7 +20,13 @@ from torch import nn
 from alignkit.errors import ConfigError
 from alignkit.models import supports_logits_to_keep
 
-__all__ = ["AdapterDisabledReference", "apply_lora", "is_lora_model", "lora_parameters"]
+__all__ = [
+    "AdapterDisabledReference",
+    "apply_lora",
+    "is_lora_model",
+    "lora_parameters",
+    "lora_targets",
+]
 
 
 def _peft() -> Any:
@@ -69,6 +75,23 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
+
+
+def lora_targets(value: Any) -> list[str] | str | None:
+    """``model.lora.target_modules`` as ``peft`` takes it: a list of names, a string (a regex
+    or ``all-linear``), or None (the architecture's defaults)."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        names = [str(v) for v in value]
+    except TypeError:
+        raise ConfigError(
+            f"model.lora.target_modules must be a list of module names, a string or null, "
+            f"got {value!r}"
+        ) from None
+    if not names:
+        raise ConfigError("model.lora.target_modules is empty: name modules, or use all-linear")
+    return names
 
 
 def is_lora_model(model: nn.Module) -> bool:

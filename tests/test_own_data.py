@@ -270,3 +270,39 @@ def test_a_pipeline_with_nothing_to_evaluate_by_fails_before_training(tmp_path: 
     assert proc.returncode == 2
     assert "evaluation would have nothing to judge the RL policy by" in proc.stderr
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "null"])
+def test_rl_with_lora_default_targets_on_a_llama(
+    tiny_chat_llama: Path, tmp_path: Path, targets: str
+) -> None:
+    """LoRA's default targets fit any architecture (all linear layers, or peft's defaults with
+    null): RL on a tiny Llama trains adapters and saves a merged policy."""
+    from alignkit.lora import lora_targets
+
+    assert lora_targets(None) is None and lora_targets(["q_proj"]) == ["q_proj"]
+    with pytest.raises(ConfigError, match="target_modules is empty"):
+        lora_targets([])
+    args = [
+        "stage=rl",
+        "task=data",
+        "model=hf",
+        f"model.path={tiny_chat_llama}",
+        f"task.prompt_data={DATA / 'prompts.jsonl'}",
+        "reward=[eos_penalty]",
+        "model.lora.r=4",
+        f"model.lora.target_modules={targets}",
+        "rl.steps=2",
+        "rl.prompts_per_step=2",
+        "rl.samples_per_prompt=2",
+        "rl.max_new_tokens=6",
+        f"run_dir={tmp_path}",
+        "logger=none",
+    ]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "rl" / "policy")
+    assert merged.config.model_type == "llama"
+    assert not any("lora" in name for name, _ in merged.named_parameters())

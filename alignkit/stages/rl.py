@@ -11,7 +11,7 @@ import torch
 from alignkit.context import RunContext
 from alignkit.engine import Engine
 from alignkit.errors import ConfigError
-from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model
+from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
 from alignkit.optim import adamw
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
@@ -56,7 +56,7 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
             r=int(lora.r),
             alpha=float(lora.alpha),
             dropout=float(lora.dropout),
-            target_modules=list(lora.target_modules),
+            target_modules=lora_targets(lora.target_modules),
         )
     use_ref = float(rl.kl_coef) > 0
     if backend.sharded:
