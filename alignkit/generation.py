@@ -10,6 +10,7 @@ get "old" log-probs), and has little per-token overhead, which dominates on tiny
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,18 @@ def _is_sharded(model: nn.Module) -> bool:
 Decode = Callable[[Tensor | None], Tensor]
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` in current
+    ``transformers`` (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    # A peft model forwards its keywords to the base model, whose signature decides.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decoder(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -194,6 +207,7 @@ def _decoder(
 
     mask = prompt_mask
     past: Any = None
+    cache_arg = cache_argument(model)
 
     def hf_step(token: Tensor | None) -> Tensor:
         nonlocal mask, past, next_position
@@ -214,11 +228,12 @@ def _decoder(
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=next_position,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_arg: past},
             )
             next_position = next_position + 1
-        past = out.past_key_values
+        # Not out.get("cache", out.past_key_values): reading the old name warns.
+        past = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401
         return out.logits[:, -1, :]
 
     return hf_step
@@ -244,7 +259,7 @@ def generate(
     """Sample up to ``max_new_tokens`` tokens after left-padded prompts.
 
     Args:
-        model: causal LM supporting ``past_key_values`` / ``use_cache`` (any ``transformers``
+        model: causal LM supporting a KV cache and ``use_cache`` (any ``transformers``
             causal LM). Its train/eval mode is left as is; disable dropout for RL rollouts.
         prompt_ids: (B, P) left-padded prompt ids.
         prompt_mask: (B, P) 1 on real prompt tokens.

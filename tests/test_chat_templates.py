@@ -235,3 +235,35 @@ def test_a_local_judge_reads_its_prompt_in_its_own_chat_template(tmp_path: Path)
     assert IM_END not in verdict.text
     plain = LocalJudge(str(out), max_critique_tokens=6, template="plain")
     assert plain.render(context) == context
+
+
+def test_generation_uses_the_current_cache_argument(chat_lm) -> None:
+    """No deprecated ``past_key_values`` keyword on a model whose forward takes ``cache``, and
+    the cached decode equals a full recompute."""
+    import inspect
+    import warnings
+
+    from alignkit.generation import cache_argument
+
+    model, tok = chat_lm
+    takes_cache = "cache" in inspect.signature(model.forward).parameters
+    assert cache_argument(model) == ("cache" if takes_cache else "past_key_values")
+    fmt = PromptFormat(tok, "chat", model=model)
+    ids, mask = pad_prompts(tok, [fmt.encode_prompt(QUESTION)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=5,
+            eos_token_id=-1,
+            pad_token_id=tok.pad_token_id,
+            greedy=True,
+            lean=False,
+        )
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    full = torch.cat([ids, out.response_ids], dim=1)
+    with torch.no_grad():
+        logits = model(full).logits[0, ids.shape[1] - 1 : -1]
+    assert logits.argmax(-1).tolist() == out.response_ids[0].tolist()
