@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     Metadata,
@@ -37,7 +38,15 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from alignkit.errors import ConfigError
 
-__all__ = ["ALLOWED_GLOBALS", "METADATA_NAME", "load_dcp_tensors", "read_dcp_metadata"]
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "METADATA_NAME",
+    "WeightsOnlyPlanner",
+    "load_dcp_state",
+    "load_dcp_tensors",
+    "read_dcp_metadata",
+    "safe_reader",
+]
 
 METADATA_NAME = ".metadata"
 
@@ -145,6 +154,54 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
         raise ConfigError(
             f"DCP item {read_item.dest_index.fqn!r} is stored as pickled bytes, not a tensor"
         )
+
+
+class WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, with bytes items (an optimizer's ``param_groups``: numbers,
+    strings, tuples) read by ``torch.load(weights_only=True)``, which builds no other object.
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(
+                f"DCP item {read_item.dest_index.fqn!r} holds objects a checkpoint should not "
+                f"(refused by torch.load(weights_only=True)): {exc}"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_reader(dcp_dir: str | Path) -> FileSystemReader:
+    """A DCP storage reader whose ``.metadata`` goes through :func:`read_dcp_metadata`."""
+    return _SafeReader(Path(dcp_dir))
+
+
+def load_dcp_state(state: dict[str, Any], dcp_dir: str | Path) -> None:
+    """``torch.distributed.checkpoint.load`` of ``state`` (tensors and plain data, e.g. an
+    optimizer's param groups) that runs no code stored in the checkpoint.
+
+    Collective under a process group, like ``dcp.load``. The metadata is checked first with
+    :func:`read_dcp_metadata` (a refusal is the same clear error on every rank); bytes items
+    are read with ``torch.load(weights_only=True)`` (:class:`WeightsOnlyPlanner`). A refusal
+    inside DCP's own exception is re-raised as the :class:`ConfigError` it was.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(dcp_dir)
+    try:
+        dcp.load(state, storage_reader=safe_reader(dcp_dir), planner=WeightsOnlyPlanner())
+    except CheckpointException as exc:
+        # Each failure is an (exception, traceback) pair.
+        raised = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        ours = [e for e in raised if isinstance(e, ConfigError)]
+        if ours:
+            raise ours[0] from None
+        raise
 
 
 def _tensor_keys(state: dict[str, Any], prefix: str = "") -> list[str]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from alignkit.backends.base import Backend, env_int
 from alignkit.errors import ConfigError
+from alignkit.safe_dcp import load_dcp_state
 
 T = TypeVar("T")
 
@@ -218,8 +219,8 @@ class FSDPBackend(Backend):
     def load_model_state(
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> None:
-        """Read this rank's shards back (DCP reshards when the world size changed)."""
-        import torch.distributed.checkpoint as dcp
+        """Read this rank's shards back (DCP reshards when the world size changed); nothing in
+        the checkpoint is unpickled beyond plain data (:mod:`alignkit.safe_dcp`)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not (directory / DCP_DIR).is_dir():
@@ -233,7 +234,9 @@ class FSDPBackend(Backend):
         state: dict[str, Any] = {"model": model_sd}
         if optimizer is not None:
             state["optimizer"] = optim_sd
-        dcp.load(state, checkpoint_id=directory / DCP_DIR)
+        # A checkpoint from elsewhere must not run code: its metadata is read with a restricted
+        # unpickler and its non-tensor items (optimizer param groups) with weights_only=True.
+        load_dcp_state(state, directory / DCP_DIR)
         set_state_dict(
             model,
             optimizers,
