@@ -297,11 +297,13 @@ class WordCountScorer:
 
     def __init__(self) -> None:
         self.prompts: list[str] = []
+        self.conversations: list[Any] = []
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], conversations: Any = None
     ) -> torch.Tensor:
         self.prompts += list(prompts)
+        self.conversations += list(conversations) if conversations is not None else []
         return torch.tensor([float(len(r.split())) for r in responses])
 
 
@@ -320,8 +322,23 @@ def test_rm_win_rate_equals_the_hand_count(policies: Policies, tmp_path: Path) -
     assert [r["policy rm"] for r in rows] == words_pol
     assert summary["win_rate"] == summary["rm_win_rate"]
     assert summary["win_rate_source"] == "reward_model"
-    # Prompts reach the reward model as the text the policy saw.
+    # Prompts reach the reward model as text, and as the conversation when the task has one
+    # (here none: NoGoldTask has no prompt_messages), which the model renders in its format.
     assert scorer.prompts[0] == TASK.format_prompt(record_of(rows[0]["prompt"]))
+    assert scorer.conversations == [TASK.format_prompt(record_of(r["prompt"])) for r in rows] * 2
+
+
+def test_the_reward_model_gets_each_prompt_as_a_conversation(
+    policies: Policies, tmp_path: Path
+) -> None:
+    """A task with conversations hands them to the reward model, so it scores the pair in the
+    format it was trained in (its own chat template), not the judge's readable text."""
+    scorer = WordCountScorer()
+    ctx = make_ctx(tmp_path, TASK)
+    compare(ctx, policies, Evaluators(gold=True, scorer=scorer, scorer_source="test"))
+    rows = table(tmp_path)
+    want = [TASK.prompt_messages(record_of(r["prompt"])) for r in rows]
+    assert scorer.conversations == want * 2  # the policy's samples, then the baseline's
 
 
 @pytest.fixture(scope="module")
