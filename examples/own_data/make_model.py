@@ -2,7 +2,7 @@
 
 Stands in for a model you would name with ``model.path`` (a hub id or a folder): a
 byte-level BPE tokenizer trained on the example's texts, ``<|im_start|>`` / ``<|im_end|>``
-turn markers, a chat template, and a freshly initialised Llama of about 1.3M parameters::
+turn markers, a chat template, and a freshly initialised Llama of about 0.37M parameters::
 
     python examples/own_data/make_model.py examples/own_data/data outputs/tiny-llama-chat
 """
