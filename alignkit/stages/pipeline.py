@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import open_dict
 
@@ -80,8 +81,9 @@ def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
     )
 
 
-def run_pipeline(ctx: RunContext) -> dict[str, float]:
-    summary: dict[str, float] = {}
+def run_pipeline(ctx: RunContext) -> dict[str, Any]:
+    """Every stage in one run directory; the summary holds numbers and ``win_rate_source``."""
+    summary: dict[str, Any] = {}
     check_evaluable(ctx, learned_rewards(ctx))
     summary.update(run_sft(ctx))
     sft_dir = ctx.run_dir / "sft"
