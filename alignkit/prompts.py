@@ -55,5 +55,5 @@ def encode_prompts(
 ) -> tuple[Tensor, Tensor, list[str]]:
     """(B, P) left-padded ids and mask, and the B prompt texts as the model sees them."""
     convs = conversations(task, records, fmt)
-    ids, mask = pad_prompts(fmt.tokenizer, [fmt.encode_prompt(c) for c in convs], max_length)
+    ids, mask = pad_prompts(fmt.tokenizer, fmt.encode_prompts(convs), max_length)
     return ids, mask, [fmt.prompt_text(c) for c in convs]

@@ -113,14 +113,14 @@ def _encode_conversations(
     max_length: int,
 ) -> list[tuple[list[int], list[int]]]:
     # One prompt encoding per distinct conversation: a group's responses share it exactly.
-    cache: dict[str, list[int]] = {}
-    parts = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        key = prompt if isinstance(prompt, str) else repr([sorted(m.items()) for m in prompt])
-        if key not in cache:
-            cache[key] = fmt.encode_prompt(prompt)
-        parts.append(_cut_left(cache[key], fmt.encode_response(prompt, response), max_length))
-    return parts
+    keys = [p if isinstance(p, str) else repr([sorted(m.items()) for m in p]) for p in prompts]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    encoded = dict(
+        zip(first, fmt.encode_prompts([prompts[i] for i in first.values()]), strict=True)
+    )
+    heads = [encoded[key] for key in keys]
+    tails = fmt.encode_responses(prompts, responses)
+    return [_cut_left(h, t, max_length) for h, t in zip(heads, tails, strict=True)]
 
 
 def encode_texts(

@@ -267,3 +267,15 @@ def test_generation_uses_the_current_cache_argument(chat_lm) -> None:
     with torch.no_grad():
         logits = model(full).logits[0, ids.shape[1] - 1 : -1]
     assert logits.argmax(-1).tolist() == out.response_ids[0].tolist()
+
+
+def test_batched_encoding_equals_row_by_row(chat_lm) -> None:
+    """The batched encoders the rollout and the reward model use give each row's own ids,
+    templated conversations and verbatim prompts mixed."""
+    _, tok = chat_lm
+    fmt = PromptFormat(tok, "chat")
+    prompts = [QUESTION, "Q: hot?\nA:", [{"role": "user", "content": "plural of box?"}], QUESTION]
+    responses = ["cold", "cold", " boxes ", ""]
+    assert fmt.encode_prompts(prompts) == [fmt.encode_prompt(p) for p in prompts]
+    want = [fmt.encode_response(p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert fmt.encode_responses(prompts, responses) == want

@@ -228,6 +228,37 @@ class PromptFormat:
                 return ids[: i + 1]
         return ids + eos
 
+    def encode_prompts(self, prompts: Sequence[Conversation]) -> list[list[int]]:
+        """:meth:`encode_prompt` of every row in at most two batched tokenizer calls (rows
+        rendered by the chat template, and the others)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for templated in (True, False):
+            rows = [i for i, p in enumerate(prompts) if self.templated(p) == templated]
+            if rows:
+                texts = [self.prompt_text(prompts[i]) for i in rows]
+                ids = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+                for i, row in zip(rows, ids, strict=True):
+                    out[i] = list(row)
+        return out
+
+    def encode_responses(
+        self, prompts: Sequence[Conversation], responses: Sequence[str]
+    ) -> list[list[int]]:
+        """:meth:`encode_response` of every row; the rows that need no template are tokenised
+        in one batched call (what the reward model scores every RL step)."""
+        out: list[list[int] | None] = [None] * len(responses)
+        plain = [i for i, p in enumerate(prompts) if not self.templated(p)]
+        if plain:
+            eos = _as_list(self.tokenizer.eos_token_id)[:1]
+            texts = [" " + responses[i].strip() if responses[i].strip() else "" for i in plain]
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            for i, row in zip(plain, ids, strict=True):
+                out[i] = list(row) + eos
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            if out[i] is None:
+                out[i] = self.encode_response(prompt, response)
+        return [row for row in out if row is not None]
+
     def encode(self, messages: Conversation, response: str) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids) of one conversation and reply."""
         return self.encode_prompt(messages), self.encode_response(messages, response)
