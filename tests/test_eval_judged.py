@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from alignkit.stages.evaluate import Evaluators, build_evaluators, compare_polic
 from alignkit.tasks import AssistTask
 from alignkit.tracking import Tracker
 from tests.conftest import SMOKE, run_cli
+from tests.test_judges_http import Stub
 
 TASK = AssistTask(seed=0, max_operand=5)  # what the CLI builds from the default task config
 PROMPTS = {TASK.format_prompt(r): r for r in TASK.eval_prompts()}
@@ -56,48 +55,27 @@ def gold_rule(prompt: str, a: str, b: str) -> str:
     return "A" if TASK.gold_score(record, a) > TASK.gold_score(record, b) else "B"
 
 
-class StubJudge:
-    """``/v1/completions`` answering ``" ...\\nVerdict: <rule(prompt, a, b)>"`` (no log-probs)."""
+def stub_judge(rule: Callable[[str, str, str], str | None]) -> Stub:
+    """A ``/v1/completions`` stub answering ``" ...\nVerdict: <rule(prompt, a, b)>"`` (no
+    log-probs), HTTP 500 when the rule gives None; ``stub.count`` counts the requests."""
 
-    def __init__(self, rule: Callable[[str, str, str], str | None]) -> None:
-        self.requests = 0
-        lock = threading.Lock()
-        stub = self
+    def reply(n: int, body: dict) -> tuple[int, str]:
+        match = PAIRWISE.search(body["prompt"])
+        letter = rule(*match.group("prompt", "a", "b")) if match else None
+        if not letter:
+            return 500, json.dumps({"choices": [{"text": "unreadable"}]})
+        text = f" Compared the two.\nVerdict: {letter}"
+        return 200, json.dumps({"choices": [{"text": text, "finish_reason": "stop"}]})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                return
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    stub.requests += 1
-                match = PAIRWISE.search(body["prompt"])
-                letter = rule(*match.group("prompt", "a", "b")) if match else None
-                status = 200 if letter else 500
-                text = f" Compared the two.\nVerdict: {letter}" if letter else "unreadable"
-                data = json.dumps({"choices": [{"text": text, "finish_reason": "stop"}]})
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data.encode())))
-                self.end_headers()
-                self.wfile.write(data.encode())
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return Stub(reply)
 
 
 @pytest.fixture
-def stub_factory() -> Iterator[Callable[[Callable[[str, str, str], str | None]], StubJudge]]:
-    stubs: list[StubJudge] = []
+def stub_factory() -> Iterator[Callable[[Callable[[str, str, str], str | None]], Stub]]:
+    stubs: list[Stub] = []
 
-    def make(rule: Callable[[str, str, str], str | None]) -> StubJudge:
-        stubs.append(StubJudge(rule))
+    def make(rule: Callable[[str, str, str], str | None]) -> Stub:
+        stubs.append(stub_judge(rule))
         return stubs[-1]
 
     yield make
@@ -228,7 +206,7 @@ def test_judge_win_rate_equals_the_stub_rule_on_the_same_samples(
     stub = stub_factory(gold_rule)
     summary = compare(make_ctx(tmp_path, backend="http", url=stub.url), policies)
     rows = table(tmp_path)
-    assert len(rows) == PAIRS and stub.requests == 2 * PAIRS
+    assert len(rows) == PAIRS and stub.count == 2 * PAIRS
     want = [expected_prob(r) for r in rows]
     assert {0.0, 0.5, 1.0} & set(want) != {0.5}, "the rule must separate some pairs"
     assert [r["judge P(policy)"] for r in rows] == pytest.approx(want)
@@ -260,7 +238,7 @@ def test_a_judge_that_always_says_a_is_cancelled_by_both_orders(
     ctx = make_ctx(tmp_path, backend="http", url=stub.url, both_orders=both_orders)
     summary = compare(ctx, policies)
     assert summary["judge_win_rate"] == want and summary["judge_win_rate_hard"] == want
-    assert stub.requests == (2 if both_orders else 1) * PAIRS
+    assert stub.count == (2 if both_orders else 1) * PAIRS
     assert {r["judge P(policy)"] for r in table(tmp_path)} == {want}
 
 
@@ -431,7 +409,7 @@ def test_stage_eval_cli_writes_the_judged_win_rate(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert stub.requests == 2 * 8
+    assert stub.count == 2 * 8
     assert summary["win_rate"] == summary["gold_win_rate"]
     assert summary["win_rate_source"] == "gold"
     assert summary["judge_win_rate"] == pytest.approx(summary["gold_win_rate"])

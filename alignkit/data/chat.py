@@ -144,7 +144,7 @@ class PromptFormat:
 
     Args:
         tokenizer: the model's tokenizer.
-        mode: ``auto``, ``chat`` or ``plain`` (see the module docstring).
+        mode: ``auto``, ``chat``, ``plain`` or ``raw`` (see the module docstring).
         key: the config key named in errors.
         model: optional; its ``generation_config`` adds stop ids.
     """
