@@ -19,13 +19,29 @@ from alignkit.preference_config import FeedbackConfig, RewardModelConfig
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the tiny GPT-2 style model built when ``model.path`` is null."""
+    """The tiny model built from scratch when ``model.path`` is null.
 
+    ``arch`` picks the architecture (``gpt2``, the default, or any of
+    :data:`alignkit.tiny_models.ARCHITECTURES`: ``llama``, ``qwen2``, ``mistral``, ``gemma``,
+    ``gpt_neox``); the other fields give its shape in any architecture.
+    """
+
+    arch: str = "gpt2"
     vocab_size: int = 1024
     n_layer: int = 4
+    """Layers."""
     n_head: int = 4
+    """Attention (query) heads."""
     n_embd: int = 256
+    """Width."""
     n_positions: int = 128
+    """Longest sequence (the position table of GPT-2, the context of the others)."""
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention) where the architecture has them; null:
+    ``n_head``."""
+    intermediate: int | None = None
+    """MLP width; null: ``4 * n_embd`` (GPT-2, GPT-NeoX) or the multiple of 8 nearest
+    ``8/3 * n_embd`` (gated MLPs: the same parameter count)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, TopKLogitsWarper, TopPLogitsWarper
 
-from alignkit.lean_gpt2 import lean_decoder
+from alignkit.lean import lean_decoder
 from alignkit.models import position_ids_from_mask, supports_logits_to_keep
 
 __all__ = [
@@ -191,9 +191,10 @@ def _decoder(
 ) -> Decode:
     """A function from the last sampled (B,) tokens (None: the prompt) to (B, V) logits."""
     next_position = positions[:, -1:] + 1  # (B, 1): first response token's position
-    fast = lean_decoder(model) if lean else None
+    capacity = prompt_ids.shape[1] + max_new_tokens
+    fast = lean_decoder(model, capacity) if lean else None
     if fast is not None:
-        fast.start(prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, prompt_mask)
+        fast.start(prompt_ids.shape[0], capacity, prompt_mask)
 
         def lean_step(token: Tensor | None) -> Tensor:
             nonlocal next_position
@@ -267,9 +268,9 @@ def generate(
             end-of-turn token); the stop token is kept as the row's last response token.
         greedy: take the arg-max token instead of sampling (log-probs still use τ).
         generator: RNG for ``torch.multinomial``; same seed -> same samples.
-        lean: decode a plain GPT-2 with :mod:`alignkit.lean_gpt2` (same maths, a
-            preallocated cache and no per-token mask rebuild); other models, and ``False``,
-            use the model's own forward.
+        lean: decode a supported model (GPT-2, the Llama family, GPT-NeoX) with
+            :mod:`alignkit.lean` (same maths, a preallocated cache, no per-token mask or
+            rotary rebuild); other models, and ``False``, use the model's own forward.
 
     Returns:
         :class:`GenerationOutput` with R <= ``max_new_tokens`` columns: the loop stops as soon as

@@ -40,7 +40,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from alignkit.errors import AlignkitError
 from alignkit.io import atomic_directory
-from alignkit.lean_gpt2 import (
+from alignkit.lean import (
     last_token_hidden,
     lean_decoder,
     packed_last_hidden,
@@ -457,7 +457,7 @@ def _token_logprobs(
 
 
 def packs(model: nn.Module) -> bool:
-    """Whether :func:`response_logprobs` runs ``model`` packed (a plain GPT-2 LM, no hooks)."""
+    """Whether :func:`response_logprobs` runs ``model`` packed (a supported LM, no hooks)."""
     return lean_decoder(model) is not None
 
 
@@ -513,7 +513,7 @@ def response_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`sequence_logprobs` of ``prompt | response`` rows, packed where the model allows.
 
-    A plain GPT-2 runs packed (:func:`alignkit.lean_gpt2.packed_logits`): the K samples of a
+    A supported model runs packed (:func:`alignkit.lean.packed_logits`): the K samples of a
     prompt share its tokens, and no linear layer runs on padding. The result equals the
     padded forward's to float rounding; other models run :func:`sequence_logprobs`.
 
@@ -720,7 +720,7 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
         index = last_token_index(attention_mask)
-        # A plain GPT-2 backbone runs only what the last token needs (alignkit.lean_gpt2).
+        # A supported backbone runs only what the last token needs (alignkit.lean).
         hidden = (
             last_token_hidden(self.backbone, input_ids, attention_mask, index)
             if self._lean_allowed()
@@ -752,7 +752,7 @@ class ScalarHeadModel(nn.Module):
     def score_packed(self, packed: PackedSequences) -> Tensor | None:
         """(M,) normalised scalars at each packed row's last token (:mod:`alignkit.packing`).
 
-        None where the backbone has no lean path (not a plain GPT-2, or a hook on this model
+        None where the backbone has no lean path (an unsupported model, or a hook on this model
         or its backbone); the caller then scores ``packed.padded(...)`` with :meth:`score`.
         """
         hidden = packed_last_hidden(self.backbone, packed) if self._lean_allowed() else None

@@ -11,7 +11,7 @@ a third fewer tokens than the real ones padded, and on K = 16 rankings about hal
 
 A row is ``prefix + suffix``; rows whose prefixes are the same token sequence share those
 tokens. Each token's own query is computed at its ``home`` position, the first row position
-holding it; :func:`alignkit.lean_gpt2.packed_last_hidden` runs a GPT-2 over this layout.
+holding it; :func:`alignkit.lean.packed_last_hidden` runs a decoder over this layout.
 """
 
 from __future__ import annotations

@@ -18,10 +18,18 @@ from typing import Any
 
 import torch
 
+from alignkit.errors import ConfigError
 from alignkit.io import atomic_directory
 from alignkit.models import train_tokenizer
 
-__all__ = ["ARCHITECTURES", "CHATML_TEMPLATE", "TinyArchSpec", "build_tiny_causal_lm"]
+__all__ = [
+    "ARCHITECTURES",
+    "CHATML_TEMPLATE",
+    "TinyArchSpec",
+    "build_tiny_causal_lm",
+    "tiny_arch_spec",
+    "tiny_config",
+]
 
 ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma", "gpt_neox", "gpt2")
 
@@ -53,7 +61,48 @@ class TinyArchSpec:
     seed: int = 0
 
 
-def _config(spec: TinyArchSpec, tok: Any) -> Any:
+GATED = frozenset({"llama", "qwen2", "mistral", "gemma"})
+"""Architectures whose MLP is gated (three matrices)."""
+
+
+def default_intermediate(arch: str, hidden: int) -> int:
+    """MLP width of ``arch`` at the parameter count of GPT-2's ``4 * hidden`` MLP: two
+    ``hidden x 4 hidden`` matrices, or three gated ones of the multiple of 8 nearest
+    ``8/3 * hidden``."""
+    if arch not in GATED:
+        return 4 * hidden
+    return max(8, round(8 * hidden / 3 / 8) * 8)
+
+
+def tiny_arch_spec(tiny: Any, seed: int) -> TinyArchSpec:
+    """The :class:`TinyArchSpec` of a ``model.tiny`` config (``TinyModelConfig``).
+
+    No chat template: the built-in task's prompts are plain text, as with the default GPT-2.
+    """
+    arch = str(tiny.arch)
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"model.tiny.arch: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}"
+        )
+    hidden, heads = int(tiny.n_embd), int(tiny.n_head)
+    intermediate = tiny.get("intermediate")
+    kv_heads = tiny.get("kv_heads")
+    return TinyArchSpec(
+        arch=arch,
+        vocab_size=int(tiny.vocab_size),
+        hidden=hidden,
+        layers=int(tiny.n_layer),
+        heads=heads,
+        kv_heads=int(kv_heads) if kv_heads else heads,
+        intermediate=int(intermediate) if intermediate else default_intermediate(arch, hidden),
+        max_positions=int(tiny.n_positions),
+        chat=False,
+        seed=seed,
+    )
+
+
+def tiny_config(spec: TinyArchSpec, tok: Any) -> Any:
+    """The ``transformers`` config of ``spec`` over the trained tokenizer ``tok``."""
     from transformers import AutoConfig
 
     ids = {
@@ -116,7 +165,7 @@ def build_tiny_causal_lm(
     if spec.chat:
         tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
         tok.chat_template = CHATML_TEMPLATE
-    config = _config(spec, tok)
+    config = tiny_config(spec, tok)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -319,8 +319,9 @@ def policy_logprobs(
 
     Uses ``rl.temperature`` like the rollout, so ratios are exactly 1 before any update.
 
-    A plain GPT-2 policy runs packed (:func:`alignkit.models.response_logprobs`): no linear
-    layer runs on padding and the samples of one prompt share its tokens. Other models run
+    A supported policy (GPT-2, the Llama family, GPT-NeoX: :mod:`alignkit.lean`) runs packed
+    (:func:`alignkit.models.response_logprobs`): no linear layer runs on padding and the
+    samples of one prompt share its tokens. Other models run
     padded; with ``trim_padding`` their forward skips the columns that are padding in every
     row of the micro-batch (:func:`used_columns`) and the outputs are zero-padded back to R:
     positions come from the mask and padded keys are masked out, so dropping a leading

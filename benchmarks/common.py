@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from alignkit.flops import DecoderShape
+from torch import nn
 
 WORKLOADS = ("generation", "grpo", "ppo", "reward_model")
 """Every workload the entry point knows, in the order it runs them."""
@@ -52,22 +51,53 @@ class MatmulShape:
     name: str
     inner: int
     out: int
-    per_layer: bool
+    count: int
+    """How many times one forward runs it (layers x occurrences per block; 1 for the head)."""
 
 
-def model_matmuls(shape: DecoderShape) -> list[MatmulShape]:
-    """The per-token matrix multiplies of a GPT-2 block and the LM head."""
-    d, f = shape.n_embd, shape.mlp_width
-    return [
-        MatmulShape("qkv", d, 3 * d, True),
-        MatmulShape("attn_out", d, d, True),
-        MatmulShape("mlp_up", d, f, True),
-        MatmulShape("mlp_down", f, d, True),
-        MatmulShape("lm_head", d, shape.vocab_size, False),
+# GPT-2's projections by their role (its attention and MLP both have a ``c_proj``).
+_GPT2_ROLES = {"attn.c_attn": "qkv", "attn.c_proj": "attn_out", "mlp.c_fc": "mlp_up"}
+_GPT2_ROLES["mlp.c_proj"] = "mlp_down"
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a ``transformers`` decoder (GPT-2's ``h``, Llama's
+    ``layers``, ...): the first ``ModuleList`` as long as the config's layer count."""
+    layers = int(model.config.num_hidden_layers)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers:
+            return module
+    raise ValueError(f"no list of {layers} blocks in {type(model).__name__}")
+
+
+def model_matmuls(model: nn.Module) -> list[MatmulShape]:
+    """The per-token matrix multiplies of a decoder (read from one block's projections, any
+    architecture: fused or separate Q/K/V, grouped-query K/V, gated or plain MLP) and its LM
+    head. Projections of the same shape are timed once and counted for each."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = decoder_blocks(model)
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name, module in blocks[0].named_modules():
+        if isinstance(module, nn.Linear):
+            dims = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2's projections store (in, out) weights
+            dims = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+        else:
+            continue
+        shapes.setdefault(dims, []).append(_GPT2_ROLES.get(name, name.rsplit(".", 1)[-1]))
+    out = [
+        MatmulShape("+".join(names), inner, width, len(blocks) * len(names))
+        for (inner, width), names in shapes.items()
     ]
+    head = model.get_output_embeddings()
+    out.append(MatmulShape("lm_head", head.in_features, head.out_features, 1))
+    return out
 
 
-def matmul_ceiling(shape: DecoderShape, rows: int, min_seconds: float = 0.3) -> dict[str, Any]:
+def matmul_ceiling(
+    matmuls: list[MatmulShape], rows: int, min_seconds: float = 0.3
+) -> dict[str, Any]:
     """Measured fp32 GFLOP/s of the model's own matmul shapes at ``rows`` tokens.
 
     Each shape is timed alone (repeated for at least ``min_seconds``); the ceiling is the
@@ -76,7 +106,7 @@ def matmul_ceiling(shape: DecoderShape, rows: int, min_seconds: float = 0.3) -> 
     """
     per_shape: dict[str, float] = {}
     total_flops = total_seconds = 0.0
-    for mm in model_matmuls(shape):
+    for mm in matmuls:
         a, b = torch.randn(rows, mm.inner), torch.randn(mm.inner, mm.out)
         torch.matmul(a, b)  # warm-up: allocator and kernel selection
         flops = 2.0 * rows * mm.inner * mm.out
@@ -89,9 +119,8 @@ def matmul_ceiling(shape: DecoderShape, rows: int, min_seconds: float = 0.3) -> 
                 break
         rate = flops * count / elapsed
         per_shape[f"{mm.name} [{rows}x{mm.inner}]@[{mm.inner}x{mm.out}]"] = rate / 1e9
-        weight = shape.n_layer if mm.per_layer else 1
-        total_flops += weight * flops
-        total_seconds += weight * flops / rate
+        total_flops += mm.count * flops
+        total_seconds += mm.count * flops / rate
     return {"gflops": total_flops / total_seconds / 1e9, "rows": rows, "per_shape": per_shape}
 
 

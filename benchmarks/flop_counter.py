@@ -1,12 +1,12 @@
 """Counts the analytic FLOPs of every forward a benchmark runs, by model and by grad mode.
 
-Forward hooks on each GPT-2 trunk (``GPT2Model``) and LM head read the real shapes of every
-call: rows, new tokens, keys attended over (the attention mask's length, which includes a KV
-cache) and the positions that reach the LM head. A forward run with gradients enabled is
-counted as a training pass (forward plus a backward of twice its cost,
-:func:`alignkit.flops.train_flops`), since every such forward in these workloads is
-back-propagated. The same hooks work on alignkit's and TRL's models, so both sides' FLOP
-rates come from one definition.
+Forward hooks on each decoder trunk (the base model of any architecture: ``GPT2Model``,
+``LlamaModel``, ...) and LM head read the real shapes of every call: rows, new tokens, keys
+attended over (the attention mask's length, which includes a KV cache) and the positions that
+reach the LM head. A forward run with gradients enabled is counted as a training pass
+(forward plus a backward of twice its cost, :func:`alignkit.flops.train_flops`), since every
+such forward in these workloads is back-propagated. The same hooks work on alignkit's and
+TRL's models, so both sides' FLOP rates come from one definition.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2Model
+from transformers import PreTrainedModel
 
-from alignkit import lean_gpt2
+from alignkit import lean
 from alignkit.flops import DecoderShape, forward_flops
+
+
+def is_trunk(module: nn.Module) -> bool:
+    """A ``transformers`` base model (``GPT2Model``, ``LlamaModel``, ...): its own base model,
+    where a model with a head (``*ForCausalLM``, ``*ForSequenceClassification``) holds one."""
+    return isinstance(module, PreTrainedModel) and module.base_model is module
 
 
 class FlopCounter:
@@ -28,24 +34,24 @@ class FlopCounter:
     def __init__(self) -> None:
         self.flops: dict[tuple[str, bool], float] = defaultdict(float)
         self._handles: list[Any] = []
-        # alignkit's lean GPT-2 forwards skip module hooks and report each call's FLOPs to
-        # the observers instead, naming the trunk that ran: id(trunk) -> model name.
+        # alignkit's lean forwards skip module hooks and report each call's FLOPs to the
+        # observers instead, naming the trunk that ran: id(trunk) -> model name.
         self._lean: dict[int, str] = {}
-        lean_gpt2.call_observers.append(self._lean_call)
+        lean.call_observers.append(self._lean_call)
 
     def attach(self, model: nn.Module | None, name: str) -> FlopCounter:
-        """Hook every GPT-2 trunk and the output embedding of ``model`` under ``name``."""
+        """Hook every decoder trunk and the output embedding of ``model`` under ``name``."""
         if model is None:
             return self
         for module in model.modules():
-            if isinstance(module, GPT2Model):
+            if is_trunk(module):
                 shape = DecoderShape.from_config(module.config)
-                hook = lean_gpt2.observe_only(self._trunk_hook(name, shape))
+                hook = lean.observe_only(self._trunk_hook(name, shape))
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 self._lean[id(module)] = name
         head = getattr(model, "get_output_embeddings", lambda: None)()
         if isinstance(head, nn.Linear):
-            hook = lean_gpt2.observe_only(self._head_hook(name))
+            hook = lean.observe_only(self._head_hook(name))
             self._handles.append(head.register_forward_pre_hook(hook))
         return self
 
@@ -94,5 +100,5 @@ class FlopCounter:
             handle.remove()
         self._handles.clear()
         self._lean.clear()
-        if self._lean_call in lean_gpt2.call_observers:
-            lean_gpt2.call_observers.remove(self._lean_call)
+        if self._lean_call in lean.call_observers:
+            lean.call_observers.remove(self._lean_call)

@@ -16,7 +16,7 @@ fused_gelu
 hf_decode
     Decodes through the model's own forward (``transformers``' GPT-2 with its
     ``DynamicCache``, grown by concatenation every token, and a mask rebuilt every call)
-    instead of :mod:`alignkit.lean_gpt2`'s lean GPT-2 path: how alignkit sampled before
+    instead of :mod:`alignkit.lean`'s lean GPT-2 path: how alignkit sampled before
     the lean path was adopted, so the row shows what it buys. Same tokens from the same
     generator.
 padded
@@ -27,11 +27,11 @@ padded
     the row shows what packing buys. Same values to float rounding.
 index_gather
     Gathers the packed layout with advanced indexing (``x[index]``) instead of
-    ``index_select`` (``alignkit.lean_gpt2._take``): how the packed forwards gathered before.
+    ``index_select`` (``alignkit.lean._take``): how the packed forwards gathered before.
     Same values; the backward accumulates with ``index_put_``, which the CPU runs serially.
 prefill_rows
-    Prefills every sampling row (:meth:`alignkit.lean_gpt2.LeanGPT2.forward`) instead of each
-    distinct prompt once (:meth:`~alignkit.lean_gpt2.LeanGPT2.prefill`): the group's 4 copies
+    Prefills every sampling row (:meth:`alignkit.lean.LeanDecoder.forward`) instead of each
+    distinct prompt once (:meth:`~alignkit.lean.LeanDecoder.prefill`): the group's 4 copies
     of a prompt computed 4 times, as before. Same tokens from the same generator.
 critic_forwards
     PPO's critic takes its no-grad rollout forward and a second forward in the update, as
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.activations import NewGELUActivation
 
-from alignkit import generation, lean_gpt2
+from alignkit import generation, lean
 
 PATCHES = ("fused_gelu", "hf_decode", "padded", "index_gather", "prefill_rows", "critic_forwards")
 _GENERATE = generation.generate
@@ -67,7 +67,7 @@ def _index_gather(x: Tensor, index: Tensor) -> Tensor:
     return x[index]
 
 
-def _prefill_rows(self: lean_gpt2.LeanGPT2, ids: Tensor, positions: Tensor) -> Tensor:
+def _prefill_rows(self: lean.LeanDecoder, ids: Tensor, positions: Tensor) -> Tensor:
     return self.forward(ids, positions)
 
 
@@ -87,8 +87,8 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
 
     from alignkit import models, training
 
-    original = NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take
-    prefill, critic_once = lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once
+    original = NewGELUActivation.forward, generation.generate, core.generate, lean._take
+    prefill, critic_once = lean.LeanDecoder.prefill, ppo._critic_steps_once
     packing = (
         models.pack_rollout,
         ppo.pack_rollout,
@@ -106,15 +106,15 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
             training.packs = lambda _model: False
             models.ScalarHeadModel.score_packed = _no_pack  # type: ignore[method-assign]
         if "index_gather" in names:
-            lean_gpt2._take = _index_gather
+            lean._take = _index_gather
         if "prefill_rows" in names:
-            lean_gpt2.LeanGPT2.prefill = _prefill_rows  # type: ignore[method-assign]
+            lean.LeanDecoder.prefill = _prefill_rows  # type: ignore[method-assign]
         if "critic_forwards" in names:
             ppo._critic_steps_once = lambda *_: False
         yield
     finally:
-        NewGELUActivation.forward, generation.generate, core.generate, lean_gpt2._take = original
-        lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once = prefill, critic_once
+        NewGELUActivation.forward, generation.generate, core.generate, lean._take = original
+        lean.LeanDecoder.prefill, ppo._critic_steps_once = prefill, critic_once
         (
             models.pack_rollout,
             ppo.pack_rollout,

@@ -1,8 +1,9 @@
 """How a GRPO step's cost grows with work: batch size, response length, model size.
 
 Each point is alignkit's GRPO step (same phases as the main table) in its own process, with
-everything else at the reference workload. Model size scales the width at fixed depth, so
-the per-token matmul parameters grow 1x, 4x, 16x (256, 512, 1024 wide at the defaults).
+everything else at the reference workload, on the first ``--arch`` (GPT-2 by default).
+Model size scales the width at fixed depth, so the per-token matmul parameters grow 1x, 4x,
+16x (256, 512, 1024 wide at the defaults).
 The curves are drawn to ``<out>/scaling.png``: total seconds per step and its generation and
 update parts, with the analytic FLOPs per step on a second axis.
 """
@@ -39,8 +40,9 @@ def axis_points(args: argparse.Namespace) -> dict[str, list[int]]:
     }
 
 
-def run_scaling(args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    """Measure every point, plot, and return ``{"curves": {axis: [point]}, "png": path}``."""
+def run_scaling(args: argparse.Namespace, log: Any, arch: str = "gpt2") -> dict[str, Any]:
+    """Measure every point on ``arch``, plot, and return ``{"curves": {axis: [point]},
+    "png": path, "arch": arch}``."""
     from benchmarks.run import build_model, spawn
 
     curves: dict[str, list[dict[str, float]]] = {}
@@ -56,7 +58,7 @@ def run_scaling(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                     changes["micro"] = min(args.micro, value * args.samples)
                 width = changes.get("width", args.width)
                 if width not in models:
-                    models[width] = build_model(args, Path(tmp) / f"w{width}", width=width)
+                    models[width] = build_model(args, Path(tmp) / f"w{width}", arch, width=width)
                 key = tuple(sorted((k, v) for k, v in changes.items() if getattr(args, k) != v))
                 if key not in measured:
                     measured[key] = spawn(args, "alignkit", "grpo", models[width], **changes)
@@ -74,12 +76,12 @@ def run_scaling(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 curves.setdefault(axis, []).append(point)
                 log(f"scaling {axis}={value}: {sec['total']:.3f} s/step")
     png = args.out / "scaling.png"
-    plot(curves, png)
+    plot(curves, png, arch)
     write_json(args.out / "scaling.json", json.dumps(curves, indent=2) + "\n")
-    return {"curves": curves, "png": str(png)}
+    return {"curves": curves, "png": str(png), "arch": arch}
 
 
-def plot(curves: dict[str, list[dict[str, float]]], png: Path) -> None:
+def plot(curves: dict[str, list[dict[str, float]]], png: Path, arch: str = "gpt2") -> None:
     """Three panels, log-log: seconds per step (total, generation, update) and GFLOP per step."""
     import matplotlib
 
@@ -105,7 +107,7 @@ def plot(curves: dict[str, list[dict[str, float]]], png: Path) -> None:
         lines = ax.get_legend_handles_labels()
         more = twin.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
-    fig.suptitle("alignkit GRPO step cost vs work")
+    fig.suptitle(f"alignkit GRPO step cost vs work ({arch})")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)

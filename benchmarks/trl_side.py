@@ -290,10 +290,23 @@ def run_trl_reward_model(args: argparse.Namespace, model_dir: Path) -> dict[str,
             original_begin()
 
         timer.begin = begin  # type: ignore[method-assign]
+        masks: list[torch.Tensor] = []  # every batch's attention mask (chosen, then rejected)
+        collate = trainer.data_collator
+
+        def collate_and_keep(*a: Any, **kw: Any) -> Any:
+            batch = collate(*a, **kw)
+            masks.append(batch["attention_mask"])
+            return batch
+
+        trainer.data_collator = collate_and_keep
         trainer.train()
     flops = {"update": counter.total(), "total": counter.total()}
     result = _summarise(args, timer, flops, float(args.pairs), phases=("update",))
     result["tokens_per_step"] = 0.0
+    measured = masks[args.warmup : args.warmup + args.steps]
+    result["trained_tokens_per_step"] = sum(float(m.sum()) for m in measured) / max(
+        len(measured), 1
+    )
     return result
 
 

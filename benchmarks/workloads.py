@@ -1,12 +1,14 @@
 """alignkit's side of each workload, run in-process on a prepared model folder.
 
-Every function takes the parsed arguments and the model folder (a saved tiny GPT-2 and its
-tokenizer, shared with the TRL runners) and returns a result dict::
+Every function takes the parsed arguments and the model folder (a saved tiny decoder, GPT-2
+or another ``--arch``, and its tokenizer, shared with the TRL runners) and returns a result
+dict::
 
     seconds_per_step   {"generation", "reward", "ref", "old", "value", "update", "total"}
     flops_per_step     the analytic FLOPs of the same phases (forward + backward)
     samples_per_step   completions (RL, generation) or preference pairs (reward model)
-    tokens_per_step    generated tokens (RL, generation) or tokens trained on (reward model)
+    tokens_per_step    generated tokens (RL, generation; 0 for the reward model)
+    trained_tokens_per_step   reward model: real tokens of the chosen and rejected rows
 
 The runner adds throughput, GFLOP/s and peak memory (each workload runs in its own process).
 """
@@ -178,7 +180,7 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
                 continue
             step_seconds.append(metrics["time/step"])
             # The rollout times its reference forward itself: a forward hook on the reference
-            # model would turn its lean packed forward off (lean_gpt2._has_hooks).
+            # model would turn its lean packed forward off (lean._has_hooks).
             ref = metrics.get("time/rollout/ref", 0.0)
             totals["generation"] += metrics["time/rollout"] - ref
             totals["ref"] += ref
@@ -258,6 +260,7 @@ def run_reward_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
     from transformers import AutoTokenizer
 
     from alignkit.models import ScalarHeadModel
+    from alignkit.stages import reward_model as stage
     from alignkit.stages.reward_model import TrainSettings, train_reward_model
 
     torch.manual_seed(args.seed)
@@ -277,9 +280,21 @@ def run_reward_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
         steps=n, batch_size=args.pairs, seed=args.seed + 1, log_every=1, **quiet
     )
     ends = [time.perf_counter()]  # the log hook runs at the end of every step
-    metrics = train_reward_model(
-        model, tok, groups, loss, settings, log=lambda *_: ends.append(time.perf_counter())
-    )
+    batches: list[Any] = []  # each measured step's collated batch, for its token count
+    collate = stage.collate_groups
+
+    def collate_and_keep(*a: Any, **kw: Any) -> Any:
+        batches.append(collate(*a, **kw))
+        return batches[-1]
+
+    stage.collate_groups = collate_and_keep
+    try:
+        metrics = train_reward_model(
+            model, tok, groups, loss, settings, log=lambda *_: ends.append(time.perf_counter())
+        )
+    finally:
+        stage.collate_groups = collate
+    trained = sum(float(b.attention_mask.sum()) for b in batches) / max(len(batches), 1)
     seconds = metrics["rm_train_seconds"] / n
     flops = counter.total() / n
     return {
@@ -287,6 +302,7 @@ def run_reward_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
         "flops_per_step": {"update": flops, "total": flops},
         "samples_per_step": float(args.pairs),
         "tokens_per_step": 0.0,
+        "trained_tokens_per_step": trained,
         "step_seconds": [b - a for a, b in itertools.pairwise(ends)],
         "last_metrics": {"loss": float(metrics.get("rm_loss", float("nan")))},
     }

@@ -233,8 +233,9 @@ def _head_values(head: nn.Module, hidden: Tensor) -> Tensor:
 def _critic_values(critic: nn.Module, batch: Rollout, rows: Tensor) -> Tensor:
     """(b, R) raw values of a separate critic at positions P - 1 + t of ``batch[rows]``.
 
-    A plain GPT-2 critic runs packed, like the policy (:func:`alignkit.models.pack_rollout`);
-    any other runs its padded forward over the whole ``prompt | response`` rows.
+    A supported critic (:mod:`alignkit.lean`) runs packed, like the policy
+    (:func:`alignkit.models.pack_rollout`); any other runs its padded forward over the whole
+    ``prompt | response`` rows.
     """
     p_ids, p_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
     r_mask = batch.response_mask[rows]

@@ -37,9 +37,18 @@ from alignkit.training import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a top-level folder, not an installed package
 
+from benchmarks.common import WORKLOADS, model_matmuls  # noqa: E402
 from benchmarks.flop_counter import FlopCounter  # noqa: E402
 from benchmarks.patches import apply_patches  # noqa: E402
-from benchmarks.run import format_table, main  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    arch_spec,
+    format_table,
+    gpt2_reference,
+    main,
+    meta_model,
+    parameter_counts,
+    parse_args,
+)
 from benchmarks.scaling import plot  # noqa: E402
 
 SHAPE = DecoderShape(n_layer=2, n_embd=4, vocab_size=10)
@@ -132,17 +141,17 @@ def test_counter_counts_lean_decoding_like_the_model_forward() -> None:
 def test_last_token_flops_by_hand() -> None:
     # d=4, f=16, L=2, T=3, one row: layer 0 full = 2*(16+32+... ) via forward_flops of one
     # layer: 2*(4*16 + 2*4*16)*3 + 4*3*3*4 = 1152 + 144; last layer: K,V 4*16*3 = 192,
-    # QKV of the read token 6*16 = 96, attention 4*3*4 = 48, projection 2*16 = 32,
+    # the read token's query 2*16 = 32, attention 4*3*4 = 48, projection 2*16 = 32,
     # MLP 4*4*16 = 256.
-    assert last_token_flops(SHAPE, rows=1, seq_len=3) == 1152 + 144 + 192 + 96 + 48 + 32 + 256
+    assert last_token_flops(SHAPE, rows=1, seq_len=3) == 1152 + 144 + 192 + 32 + 48 + 32 + 256
     assert last_token_flops(SHAPE, rows=2, seq_len=3) == 2 * last_token_flops(SHAPE, 1, 3)
 
 
 def test_packed_last_token_flops_by_hand() -> None:
     # 6 distinct tokens in 3 rows of width 4 (d=4, f=16, L=2): layer 0's linear layers
     # 2*192*6 = 2304 and attention 4*3*4*4*4 = 768; last layer K,V 4*16*6 = 384, then per row
-    # QKV 96 + attention 4*4*4 = 64 + projection 32 + MLP 256 = 448, x3 = 1344.
-    assert packed_last_token_flops(SHAPE, tokens=6, rows=3, width=4) == 2304 + 768 + 384 + 1344
+    # query 32 + attention 4*4*4 = 64 + projection 32 + MLP 256 = 384, x3 = 1152.
+    assert packed_last_token_flops(SHAPE, tokens=6, rows=3, width=4) == 2304 + 768 + 384 + 1152
     # One unshared row is the padded last-token forward.
     assert packed_last_token_flops(SHAPE, 3, 1, 3) == last_token_flops(SHAPE, rows=1, seq_len=3)
 
@@ -229,15 +238,164 @@ def test_scaling_plot_is_a_png(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_trl_side_runs_at_a_tiny_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trl_side_runs_at_a_tiny_size(tmp_path: Path, arch: str) -> None:
     pytest.importorskip("trl", reason="TRL is the optional 'bench' extra")
     out = tmp_path / "bench"
     args = ["--quick", "--inline", "--trl", "--no-scaling", "--threads=1", f"--out={out}"]
-    assert main([*args, "--workloads=grpo,reward_model"]) == 0
+    assert main([*args, "--workloads=grpo,reward_model", f"--arch={arch}"]) == 0
     report = json.loads((out / "results.json").read_text())
     assert set(report["ratios"]) == {"grpo", "reward_model"}
     trl = report["results"]["grpo/trl"]
     assert trl["seconds_per_step"]["generation"] > 0 and trl["flops_per_step"]["update"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# other architectures: --arch llama, and the per-architecture comparison
+# --------------------------------------------------------------------------------------------
+
+
+def test_reference_llama_matches_the_gpt2_model() -> None:
+    """The default ``--arch llama``: GPT-2's depth, width and heads (head_dim 64), half the
+    key/value heads, and the MLP width whose parameter counts are nearest GPT-2's."""
+    from alignkit.tiny_models import tiny_config
+
+    values = vars(parse_args([]))
+    spec = arch_spec(values, "llama")
+    assert (spec.layers, spec.hidden, spec.heads, spec.kv_heads) == (4, 256, 4, 2)
+    assert spec.hidden // spec.heads == 64 and not spec.chat
+    assert spec.intermediate % 8 == 0 and abs(spec.intermediate - 3 * 256) <= 32  # GQA: ~3d
+    tok, gpt2 = gpt2_reference(values)
+    llama = parameter_counts(meta_model(tiny_config(spec, tok)))
+    for key in ("parameters", "non_embedding_parameters"):
+        assert llama[key] == pytest.approx(gpt2[key], rel=0.01), key
+    assert 3.3e6 < llama["parameters"] < 3.5e6
+
+
+def test_matmul_shapes_are_read_from_the_model() -> None:
+    """GPT-2's fused QKV and 4d MLP, Llama's grouped K/V and three-matrix gated MLP."""
+    from transformers import LlamaConfig
+
+    shapes = [(m.name, m.inner, m.out, m.count) for m in model_matmuls(tiny_gpt2())]
+    assert shapes == [
+        ("qkv", 4, 12, 2),
+        ("attn_out", 4, 4, 2),
+        ("mlp_up", 4, 16, 2),
+        ("mlp_down", 16, 4, 2),
+        ("lm_head", 4, 10, 1),
+    ]
+    config = LlamaConfig(
+        vocab_size=10,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=96,
+    )
+    shapes = [(m.name, m.inner, m.out, m.count) for m in model_matmuls(meta_model(config))]
+    assert shapes == [
+        ("q_proj+o_proj", 64, 64, 6),
+        ("k_proj+v_proj", 64, 32, 6),
+        ("gate_proj+up_proj", 64, 96, 6),
+        ("down_proj", 96, 64, 3),
+        ("lm_head", 64, 10, 1),
+    ]
+
+
+def test_counter_hooks_a_llama_trunk_in_both_heads() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=10,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=96,
+        pad_token_id=0,
+    )
+    shape = DecoderShape.from_config(config)
+    ids = torch.randint(1, 10, (3, 5))
+    for cls, positions in ((LlamaForCausalLM, 2), (LlamaForSequenceClassification, 0)):
+        kwargs = {"logits_to_keep": 2} if positions else {}
+        model = cls(config).eval()
+        counter = FlopCounter().attach(model, "m")
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        assert counter.total("m", grad=False) == forward_flops(shape, 3, 5, positions), cls
+        counter.detach()
+
+
+def test_quick_llama_run_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["--quick", "--inline", "--no-trl", "--no-scaling", "--threads=1", f"--out={out}"]
+    assert main([*args, "--arch=llama"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    model = report["model"]
+    assert model["arch"] == "llama" and model["head_dim"] >= 32
+    assert model["kv_heads"] == model["heads"] // 2
+    assert model["parameters"] == pytest.approx(model["matched_to"]["parameters"], rel=0.05)
+    assert set(report["results"]) == {f"{w}/alignkit" for w in WORKLOADS}
+    for key, res in report["results"].items():
+        assert res["seconds_per_step"]["total"] > 0, key
+        assert res["flops_per_step"]["total"] > 0, key
+        assert res["derived"]["util_step"] > 0, key
+    assert report["results"]["reward_model/alignkit"]["trained_tokens_per_step"] > 0
+    table = (out / "results.txt").read_text()
+    assert "model: llama" in table and "matched to gpt2" in table
+    assert table.strip() == format_table(report).strip()
+
+
+def test_arch_comparison_gives_cost_per_token_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["--quick", "--inline", "--no-trl", "--no-scaling", "--threads=1", f"--out={out}"]
+    assert main([*args, "--arch=gpt2,llama", "--workloads=generation,reward_model"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["archs"]) == ["gpt2", "llama"]
+    for arch, part in report["archs"].items():
+        assert part["model"]["arch"] == arch
+        assert set(part["results"]) == {"generation/alignkit", "reward_model/alignkit"}
+        assert part["matmul_ceiling"]["train"]["gflops"] > 0
+    comparison = report["arch_comparison"]
+    assert comparison["reference"] == "gpt2"
+    rows = comparison["workloads"]
+    assert rows["generation/alignkit"]["per"] == "generated token"
+    assert rows["reward_model/alignkit"]["per"] == "trained token"
+    for key, row in rows.items():
+        spt = row["seconds_per_token"]
+        results = {a: report["archs"][a]["results"][key] for a in ("gpt2", "llama")}
+        tokens = {a: row["tokens_per_step"][a] for a in results}
+        assert spt["gpt2"] == pytest.approx(
+            results["gpt2"]["seconds_per_step"]["total"] / tokens["gpt2"]
+        ), key
+        # one round: the ratio is that round's
+        assert row["ratio"]["llama"] == pytest.approx(spt["llama"] / spt["gpt2"]), key
+        assert row["ratio_per_round"]["llama"] == [row["ratio"]["llama"]]
+    # the same tokenizer: the reward model trains on the same tokens with both models
+    tokens = rows["reward_model/alignkit"]["tokens_per_step"]
+    assert tokens["gpt2"] == tokens["llama"] > 0
+    table = (out / "results.txt").read_text()
+    assert "=== gpt2 ===" in table and "=== llama ===" in table and "llama/gpt2" in table
+    assert table.strip() == format_table(report).strip()
+
+
+def test_bad_arch_is_named() -> None:
+    for arch in ("llama2", "gpt2,gpt2", ""):
+        with pytest.raises(SystemExit):
+            parse_args([f"--arch={arch}"])
+
+
+def test_documented_commands_parse() -> None:
+    """Every ``python -m benchmarks`` command in docs/benchmarks.md is accepted as written
+    (the quick runs above execute the same paths)."""
+    import re
+    import shlex
+
+    doc = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    commands = re.findall(r"python -m benchmarks(?![.\w])([^\n`#]*)", doc)
+    assert any("--arch" in c for c in commands)
+    for command in commands:
+        parse_args(shlex.split(command))
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +510,7 @@ def test_fused_gelu_patch_matches_and_is_undone() -> None:
 
 def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens() -> None:
     from alignkit import generation
-    from alignkit.lean_gpt2 import observe_only
+    from alignkit.lean import observe_only
 
     model = tiny_gpt2()
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
@@ -385,7 +543,7 @@ def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens(
 
 def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
     from alignkit import models, training
-    from alignkit.lean_gpt2 import observe_only
+    from alignkit.lean import observe_only
 
     model = tiny_gpt2()
     calls: list[int] = []
@@ -405,7 +563,7 @@ def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
 
 
 def test_index_gather_patch_gathers_by_advanced_indexing_with_the_same_values_and_grads() -> None:
-    from alignkit import lean_gpt2, models
+    from alignkit import lean, models
 
     model = tiny_gpt2()
     prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6]])
@@ -422,12 +580,12 @@ def test_index_gather_patch_gathers_by_advanced_indexing_with_the_same_values_an
         assert grad is not None
         return out.detach(), grad.clone()
 
-    take = lean_gpt2._take
+    take = lean._take
     selected = logprobs_and_grad()
     with apply_patches(["index_gather"]):
-        assert lean_gpt2._take is not take
+        assert lean._take is not take
         indexed = logprobs_and_grad()
-    assert lean_gpt2._take is take
+    assert lean._take is take
     torch.testing.assert_close(selected[0], indexed[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(selected[1], indexed[1], atol=1e-6, rtol=1e-5)
 
@@ -437,7 +595,7 @@ def test_prefill_rows_and_critic_forwards_patches_swap_and_restore() -> None:
     turns the PPO critic's single forward off. Both are undone after the block."""
     import alignkit_plugins.ppo as ppo
 
-    from alignkit import lean_gpt2
+    from alignkit import lean
     from alignkit.generation import generate
 
     model = tiny_gpt2()
@@ -451,11 +609,11 @@ def test_prefill_rows_and_critic_forwards_patches_swap_and_restore() -> None:
         )
         return out.response_ids
 
-    prefill, once = lean_gpt2.LeanGPT2.prefill, ppo._critic_steps_once
+    prefill, once = lean.LeanDecoder.prefill, ppo._critic_steps_once
     distinct = sample()
     with apply_patches(["prefill_rows", "critic_forwards"]):
-        assert lean_gpt2.LeanGPT2.prefill is not prefill
+        assert lean.LeanDecoder.prefill is not prefill
         assert ppo._critic_steps_once(None, None, None) is False
         every_row = sample()
-    assert lean_gpt2.LeanGPT2.prefill is prefill and ppo._critic_steps_once is once
+    assert lean.LeanDecoder.prefill is prefill and ppo._critic_steps_once is once
     assert torch.equal(distinct, every_row)

@@ -17,7 +17,7 @@ from alignkit.generation import (
     sample_from,
     tokenize_prompts,
 )
-from alignkit.lean_gpt2 import lean_decoder, observe_only
+from alignkit.lean import lean_decoder, observe_only
 from alignkit.models import (
     TinyModelSpec,
     build_tiny_model,
@@ -376,7 +376,7 @@ def test_lean_prefill_logits_equal_the_model_on_real_positions(lm) -> None:
 def test_lean_prefill_computes_each_distinct_prompt_once(lm) -> None:
     """A group's repeated prompts: the same logits and cache as every row computed, from the
     forward of the 3 distinct rows only (the FLOP observer sees 3 rows, not 7)."""
-    from alignkit import lean_gpt2
+    from alignkit import lean
 
     model, tokenizer = lm
     ids, mask = tokenize_prompts(tokenizer, [*PROMPTS, PROMPTS[1], *PROMPTS[::-1]][:7])
@@ -384,7 +384,7 @@ def test_lean_prefill_computes_each_distinct_prompt_once(lm) -> None:
     fast, full = lean_decoder(model), lean_decoder(model)
     assert fast is not None and full is not None
     calls: list[float] = []
-    lean_gpt2.call_observers.append(lambda _trunk, flops: calls.append(flops))
+    lean.call_observers.append(lambda _trunk, flops: calls.append(flops))
     try:
         with torch.no_grad():
             for decoder in (fast, full):
@@ -392,7 +392,7 @@ def test_lean_prefill_computes_each_distinct_prompt_once(lm) -> None:
             once = fast.prefill(ids, positions)  # (7, V)
             every = full.forward(ids, positions)
     finally:
-        lean_gpt2.call_observers.pop()
+        lean.call_observers.pop()
     torch.testing.assert_close(once, every, atol=1e-6, rtol=1e-6)
     end = ids.shape[1]
     for a, b in zip(fast.k_cache + fast.v_cache, full.k_cache + full.v_cache, strict=True):

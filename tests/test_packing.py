@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from alignkit.lean_gpt2 import packed_last_hidden
+from alignkit.lean import packed_last_hidden
 from alignkit.models import (
     ScalarHeadModel,
     TinyModelSpec,
@@ -217,7 +217,7 @@ def test_sequence_kl_sums_the_log_ratio_of_each_response() -> None:
 
 
 def test_take_gathers_rows_like_advanced_indexing_with_the_same_gradient() -> None:
-    from alignkit.lean_gpt2 import _take
+    from alignkit.lean import _take
 
     x = torch.arange(12.0).reshape(4, 3).requires_grad_(True)
     index = torch.tensor([[3, 0, 0], [1, 3, 2]])  # repeated rows: their gradients add

@@ -12,6 +12,7 @@ from alignkit.context import RunContext
 from alignkit.data import read_prompt_records
 from alignkit.errors import ConfigError
 from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
+from alignkit.tiny_models import build_tiny_causal_lm, tiny_arch_spec
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -61,17 +62,21 @@ def base_model_path(ctx: RunContext) -> str:
 
 
 def _build_base_model(ctx: RunContext, out: Path) -> None:
-    if not (out / "config.json").is_file():
-        t = ctx.cfg.model.tiny
-        spec = TinyModelSpec(
-            vocab_size=int(t.vocab_size),
-            n_layer=int(t.n_layer),
-            n_head=int(t.n_head),
-            n_embd=int(t.n_embd),
-            n_positions=int(t.n_positions),
-            seed=int(ctx.cfg.seed),
-        )
-        build_tiny_model(out, ctx.task.corpus(), spec)
+    if (out / "config.json").is_file():
+        return
+    t, seed = ctx.cfg.model.tiny, int(ctx.cfg.seed)
+    if str(t.get("arch", "gpt2")) != "gpt2":
+        build_tiny_causal_lm(out, ctx.task.corpus(), tiny_arch_spec(t, seed))
+        return
+    spec = TinyModelSpec(
+        vocab_size=int(t.vocab_size),
+        n_layer=int(t.n_layer),
+        n_head=int(t.n_head),
+        n_embd=int(t.n_embd),
+        n_positions=int(t.n_positions),
+        seed=seed,
+    )
+    build_tiny_model(out, ctx.task.corpus(), spec)
 
 
 def load_model(ctx: RunContext, path: str | Path) -> tuple[torch.nn.Module, Any]:
