@@ -105,6 +105,18 @@ class OptimTarget:
     optimizers: Sequence[torch.optim.Optimizer]
     max_grad_norm: float
 
+    def clipped(self) -> list[Tensor]:
+        """The parameters to clip: those the optimizers step, read when the gradients are.
+
+        Under FSDP a module's ``parameters()`` may be the unsharded tensors of the last
+        forward (FSDP2 keeps the root's gathered after a forward), whose ``.grad`` is never
+        set: the gradients land on the sharded parameters the optimizers hold. Clipping a
+        list taken before the update's forwards would leave those out of the norm and
+        unclipped. Without optimizers, ``params``.
+        """
+        stepped = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        return list({id(p): p for p in stepped}.values()) if stepped else self.params
+
 
 @dataclass(frozen=True)
 class PolicyLossSpec:
@@ -215,7 +227,7 @@ def run_minibatch_updates(
                 for key, value in metrics.items():
                     step_metrics[key] += float(value)
             for target in targets:
-                norm = torch.nn.utils.clip_grad_norm_(target.params, target.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(target.clipped(), target.max_grad_norm)
                 step_metrics[f"{target.name}/grad_norm"] = norm.item()
                 for optimizer in target.optimizers:
                     optimizer.step()
