@@ -8,15 +8,20 @@ Reads only the local files every run writes (``metrics.jsonl``, ``summary.json``
 
 Runs are grouped into *configurations* by their overrides minus the seed (``--ignore``), so
 ``alignkit -m algorithm=ppo,grpo seed=0,1,2`` gives two configurations of three runs each.
-Every number is reported as the mean across a configuration's runs with a 95% confidence
-interval: the Student-t interval ``mean +- t(0.975, n-1) * sd / sqrt(n)`` (``sd`` the sample
-standard deviation). A configuration with one run has no interval.
+Every number is reported as the mean across a configuration's runs with a 95% percentile
+bootstrap interval (``scipy.stats.bootstrap``, seeded), clipped to the metric's range
+(:data:`METRIC_RANGES`: a score stays in [0, 1], a length non-negative). With the 2-5 seeds a
+sweep can afford, the interval shows the seeds' spread rather than a calibrated 95%, so every
+seed is drawn too. A configuration with one run has no interval. ``--metrics`` or ``--curves``
+naming a metric that no run has is an error that lists the available ones.
 
 Written to ``--out`` (default ``<sweep dir>/compare``):
 
-* ``curves.png``: gold score, learned reward, KL to the reference and response length against
-  the RL step, one line (mean) and band (95% CI) per configuration;
-* ``final_metrics.png``: the final metrics as bars with 95% CI error bars;
+* ``curves.png``: gold score, the RL reward (titled after its components: learned, or the gold
+  oracle under ``reward=[gold]``), KL to the reference and response length against the RL
+  step: per configuration a thick mean line, a 95% band and a thin line per seed;
+* ``final_metrics.png``: the final metrics as bars (configurations named on the axis) with
+  95% CI error bars and one dot per seed;
 * ``report.html``: one self-contained page (both images embedded, the table as HTML);
 * ``compare.json``: the plotted series and the table, for scripts and tests.
 
@@ -28,22 +33,26 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import importlib.util
 import json
 import math
 import os
 import re
 import statistics
 import sys
+import textwrap
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 PROG = "alignkit compare"
 
 CURVES: dict[str, str] = {
     "gold/score": "gold score",
-    "reward/total": "learned reward",
+    "reward/total": "RL reward",  # retitled after its components: curve_title
     "kl/ref": "KL to reference",
     "response/length": "response length (tokens)",
 }
@@ -68,7 +77,10 @@ RL_FINAL_METRICS: tuple[str, ...] = (
 IGNORED_KEYS: tuple[str, ...] = ("seed",)
 """Override keys that do not define a configuration: runs differing only here are repeats."""
 
-CI_METHOD = "95% Student-t confidence interval of the mean across runs (seeds)"
+CI_METHOD = (
+    "95% percentile-bootstrap interval of the mean across runs (seeds), clipped to the "
+    "metric's range"
+)
 
 # Folders inside a run or a sweep that never hold runs of their own.
 _SKIP_DIRS = {"wandb", ".hydra", ".submitit", "__pycache__"}
@@ -81,47 +93,46 @@ _JOB_PREFIX = re.compile(r"^\d+_")
 # statistics
 # ---------------------------------------------------------------------------------------------
 
-# Two-sided 95% quantiles t(0.975, df) of Student's t for small df, where the series below is
-# not yet accurate; a table keeps scipy out of the dependencies.
-_T975 = (
-    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,
-    2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852,
-    2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546,
-    2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447,
-    2.079613845, 2.073873068, 2.068657610, 2.063898562, 2.059538553,
-    2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
-)  # fmt: skip
+UNBOUNDED: tuple[float, float] = (-math.inf, math.inf)
+
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "gold/score": (0.0, 1.0),
+    "response/length": (0.0, math.inf),
+    "gold_win_rate": (0.0, 1.0),
+    "gold_score_policy": (0.0, 1.0),
+    "gold_score_sft": (0.0, 1.0),
+    "win_rate": (0.0, 1.0),
+    "rl_final/gold/score": (0.0, 1.0),
+    "rl_final/response/length": (0.0, math.inf),
+}
+"""The values a metric can take; its interval is clipped to them (KL and rewards: unbounded)."""
+
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # the same runs always give the same interval
+
+LEARNED_REWARDS = frozenset({"bradley_terry", "plackett_luce", "rating_regression", "rm_ensemble"})
+"""Reward components that are trained reward models (the rest are oracles, rules or judges)."""
 
 
-def t_quantile_975(df: int) -> float:
-    """``t(0.975, df)``: exact (to 9 digits) up to df 30, a Cornish-Fisher series beyond.
-
-    The series (Abramowitz & Stegun 26.7.5) is accurate to better than 1e-6 for df > 30.
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959963984540054
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+def metric_range(metric: str) -> tuple[float, float]:
+    """``[low, high]`` that ``metric`` lives in: known metrics and their ``*/length`` kin."""
+    if metric in METRIC_RANGES:
+        return METRIC_RANGES[metric]
+    if metric.endswith(("win_rate", "/gold/score")):
+        return (0.0, 1.0)
+    if metric.endswith("/length"):
+        return (0.0, math.inf)
+    return UNBOUNDED
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """Mean of ``n`` values with its 95% confidence interval ``[low, high]``."""
+    """Mean of ``n`` values with its 95% confidence interval ``[low, high]`` (asymmetric)."""
 
     mean: float
     low: float
     high: float
     n: int
-
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
 
     def to_dict(self) -> dict[str, float | int | None]:
         """JSON-ready: NaN (no value) becomes null."""
@@ -129,24 +140,40 @@ class Estimate:
             "mean": _finite_or_none(self.mean),
             "low": _finite_or_none(self.low),
             "high": _finite_or_none(self.high),
-            "half_width": _finite_or_none(self.half_width),
             "n": self.n,
         }
 
 
-def mean_ci(values: Iterable[float]) -> Estimate:
-    """Mean and 95% Student-t interval of the finite ``values``.
+def mean_ci(values: Iterable[float], bounds: tuple[float, float] = UNBOUNDED) -> Estimate:
+    """Mean and 95% percentile-bootstrap interval of the finite ``values``, clipped to ``bounds``.
 
-    One value gives a zero-width interval (no spread to estimate); none gives NaN.
+    Why the bootstrap: with the 2-5 seeds a sweep can afford, a Student-t interval is wider
+    than the data and ignores the metric's range (two seeds of a [0, 1] score gave
+    -1.25..1.9). The percentile bootstrap stays inside the observed values; with so few seeds
+    it is a measure of spread rather than a calibrated 95% interval, and the report says so.
+    One value, or equal values, gives a zero-width interval; none gives NaN.
     """
     xs = [float(v) for v in values if math.isfinite(float(v))]
     if not xs:
         return Estimate(math.nan, math.nan, math.nan, 0)
     mean = statistics.fmean(xs)
-    if len(xs) == 1:
-        return Estimate(mean, mean, mean, 1)
-    half = t_quantile_975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return Estimate(mean, mean - half, mean + half, len(xs))
+    if min(xs) == max(xs):
+        return Estimate(mean, mean, mean, len(xs))
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        (np.asarray(xs),),
+        np.mean,
+        confidence_level=0.95,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    lo, hi = bounds
+    low = min(max(float(result.confidence_interval.low), lo), mean)
+    high = max(min(float(result.confidence_interval.high), hi), mean)
+    return Estimate(mean, low, high, len(xs))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -165,6 +192,68 @@ def _as_float(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep folder names
+# ---------------------------------------------------------------------------------------------
+
+SUBDIR_RESOLVER = "alignkit.sweep_subdir"
+"""The resolver that ``hydra.sweep.subdir`` (``conf/config.yaml``) names job folders with."""
+
+_SUBDIR_ITEM_SEP = "+"
+# Between two overrides: before ``key=`` or a bare deletion ``~key`` (Hydra's own separator).
+_SUBDIR_SPLIT = re.compile(r",(?=[+~]*[\w.@/-]+=|~[\w.@/-]+(?:,|$))")
+_SUBDIR_KV_SEP = "-"
+# Characters that a shell and Hydra's override grammar both take unquoted, in a folder name.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_BRACKETS = re.compile(r"[\[\]{}()'\"]+")
+_MAX_SUBDIR = 180  # below the usual 255-byte file name limit, with room for the job number
+
+
+def sweep_subdir_name(override_dirname: str) -> str:
+    """A job folder name that pastes into ``run_dir=<path>`` and a shell without quoting.
+
+    ``algorithm=ppo,reward=[gold],seed=0`` (Hydra's ``override_dirname``) becomes
+    ``algorithm-ppo+reward-gold+seed-0``: ``=`` -> ``-``, the comma between overrides -> ``+``,
+    brackets and quotes dropped, commas inside a value -> ``.``, anything else outside
+    ``[A-Za-z0-9_.-]`` -> ``-``. Names are readable, not reversible: two overrides could give
+    one name, which is why ``conf/config.yaml`` puts the job number in front.
+    """
+    items = []
+    for override in _SUBDIR_SPLIT.split(override_dirname):
+        if not override:
+            continue
+        key, _, value = override.partition("=")
+        key = _UNSAFE.sub("-", key.lstrip("+~"))
+        # Not stripped: a leading "-" is a negative number's sign.
+        value = _UNSAFE.sub("-", _BRACKETS.sub("", value).replace(",", ".").strip())
+        items.append(f"{key}{_SUBDIR_KV_SEP}{value}" if value else key)
+    return _SUBDIR_ITEM_SEP.join(items)[:_MAX_SUBDIR].rstrip("+-.") or "job"
+
+
+def register_sweep_subdir_resolver() -> None:
+    """Make ``${alignkit.sweep_subdir:...}`` available to OmegaConf (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(SUBDIR_RESOLVER):
+        OmegaConf.register_new_resolver(SUBDIR_RESOLVER, sweep_subdir_name)
+
+
+class SweepSubdirCallback(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``) that registers the resolver.
+
+    Hydra instantiates callbacks before it names any job folder, in the launching process and,
+    unpickled, in every worker of a parallel launcher (joblib, submitit), so the folder name
+    resolves wherever the job runs, with no change to how the app is started.
+    """
+
+    def __init__(self) -> None:
+        register_sweep_subdir_resolver()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        register_sweep_subdir_resolver()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +312,8 @@ def _relative_name(run: Path, root: Path) -> str:
 def read_overrides(run_dir: Path, root: Path) -> list[str]:
     """The run's command-line overrides: ``.hydra/overrides.yaml``, else its folder name.
 
-    Hydra names a sweep's job folders ``<job num>_<overrides joined by commas>``; a run started
-    without Hydra's files (or copied without them) is grouped by that name.
+    A sweep's job folders are named ``<job num>_<overrides>`` (:func:`sweep_subdir_name`); a
+    run started without Hydra's files (or copied without them) is grouped by that name.
     """
     path = run_dir / ".hydra" / "overrides.yaml"
     if path.is_file():
@@ -233,9 +322,12 @@ def read_overrides(run_dir: Path, root: Path) -> list[str]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or []
         return [str(o) for o in loaded]
     name = _JOB_PREFIX.sub("", _relative_name(run_dir, root))
-    if "=" not in name:
-        return [f"run={name}"]  # not a Hydra job folder: each such run is its own configuration
-    return [part for part in _OVERRIDE_SPLIT.split(name) if part]
+    if "=" in name:  # folders named before sweep_subdir_name: ``algorithm=ppo,seed=0``
+        return [part for part in _OVERRIDE_SPLIT.split(name) if part]
+    if _JOB_PREFIX.match(run_dir.name) and _SUBDIR_KV_SEP in name and "/" not in name:
+        # ``algorithm-ppo+seed-0``: values come back slugged, enough to group and label runs.
+        return [item.replace(_SUBDIR_KV_SEP, "=", 1) for item in name.split(_SUBDIR_ITEM_SEP)]
+    return [f"run={name}"]  # not a Hydra job folder: each such run is its own configuration
 
 
 def override_key(override: str) -> str:
@@ -281,12 +373,20 @@ def read_summary(run_dir: Path) -> dict[str, float]:
 
 @dataclass
 class Run:
-    """One run directory's overrides, curves and summary."""
+    """One run directory's overrides, curves, summary and reward components."""
 
     path: Path
     overrides: list[str]
     curves: dict[str, dict[int, float]]
     summary: dict[str, float]
+    rewards: tuple[str, ...] = ()
+    """The ``reward`` components of its composed config (empty when unknown)."""
+
+    @property
+    def name(self) -> str:
+        """``seed=<n>`` when the seed was overridden, else the folder name."""
+        seed = self.seed()
+        return f"seed={seed}" if seed is not None else self.path.name
 
     def seed(self) -> str | None:
         for o in self.overrides:
@@ -305,6 +405,17 @@ class Configuration:
     runs: list[Run] = field(default_factory=list)
 
 
+def read_rewards(run_dir: Path) -> tuple[str, ...]:
+    """The reward components of ``.hydra/config.yaml`` (what ``reward/total`` adds up)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return ()
+    import yaml
+
+    reward = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("reward")
+    return tuple(sorted(reward)) if isinstance(reward, dict) else ()
+
+
 def load_runs(paths: Sequence[Path], stage: str) -> list[Run]:
     """Every run under ``paths``, read."""
     return [
@@ -313,6 +424,7 @@ def load_runs(paths: Sequence[Path], stage: str) -> list[Run]:
             overrides=read_overrides(run_dir, root),
             curves=read_curves(run_dir, stage),
             summary=read_summary(run_dir),
+            rewards=read_rewards(run_dir),
         )
         for run_dir, root in find_runs(paths)
     ]
@@ -357,31 +469,78 @@ def _label(configs: list[Configuration]) -> None:
 
 @dataclass
 class Series:
-    """Mean curve with its 95% band of one configuration and metric."""
+    """Mean curve with its 95% band of one configuration and metric, and each run's curve."""
 
     steps: list[int]
     estimates: list[Estimate]
+    runs: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Run name (``seed=<n>``) -> ``{step: value}``: the per-seed lines."""
 
-    def to_dict(self) -> dict[str, list[Any]]:
-        """Columns: ``step``, ``mean``, ``low``, ``high``, ``half_width``, ``n``."""
+    def to_dict(self) -> dict[str, Any]:
+        """Columns ``step``, ``mean``, ``low``, ``high``, ``n``; ``runs``: per-run columns."""
         rows = [e.to_dict() for e in self.estimates]
-        columns = ("mean", "low", "high", "half_width", "n")
-        return {"step": list(self.steps), **{k: [r[k] for r in rows] for k in columns}}
+        columns = ("mean", "low", "high", "n")
+        return {
+            "step": list(self.steps),
+            **{k: [r[k] for r in rows] for k in columns},
+            "runs": {
+                name: {"step": sorted(c), "value": [c[s] for s in sorted(c)]}
+                for name, c in self.runs.items()
+            },
+        }
 
 
 def aggregate_curve(runs: Sequence[Run], metric: str) -> Series:
     """Per step, the mean and 95% CI over the runs that logged ``metric`` at that step."""
-    per_run = [r.curves.get(metric, {}) for r in runs]
-    steps = sorted(set().union(*per_run)) if per_run else []
+    per_run = {r.name: r.curves[metric] for r in runs if r.curves.get(metric)}
+    steps = sorted(set().union(*per_run.values())) if per_run else []
+    bounds = metric_range(metric)
     return Series(
         steps=steps,
-        estimates=[mean_ci(c[s] for c in per_run if s in c) for s in steps],
+        estimates=[mean_ci((c[s] for c in per_run.values() if s in c), bounds) for s in steps],
+        runs=per_run,
     )
 
 
 def aggregate_final(runs: Sequence[Run], metric: str) -> Estimate:
     """Mean and 95% CI of a ``summary.json`` value over the runs that have it."""
-    return mean_ci(r.summary[metric] for r in runs if metric in r.summary)
+    return mean_ci((r.summary[metric] for r in runs if metric in r.summary), metric_range(metric))
+
+
+class UnknownMetricError(ValueError):
+    """Asked-for metrics that no run has; the message lists the ones there are."""
+
+    def __init__(self, option: str, unknown: Sequence[str], available: Iterable[str]) -> None:
+        known = ", ".join(sorted(available)) or "(none)"
+        super().__init__(f"unknown {option} metric(s): {', '.join(unknown)}; available: {known}")
+
+
+def check_metrics(option: str, requested: Sequence[str], available: set[str]) -> None:
+    """Raise :class:`UnknownMetricError` when a requested metric is in no run at all.
+
+    A metric that only some runs have is fine: the others show "-" (e.g. a crashed seed).
+    """
+    unknown = [m for m in requested if m not in available]
+    if unknown:
+        raise UnknownMetricError(option, unknown, available)
+
+
+def curve_title(metric: str, configs: Sequence[Configuration]) -> str:
+    """A panel's title; ``reward/total`` is named after the reward components it adds up.
+
+    Under ``reward=[gold]`` the RL reward is the gold oracle itself, not a learned reward.
+    """
+    if metric != "reward/total":
+        return CURVES.get(metric, metric)
+    components = {c for cfg in configs for run in cfg.runs for c in run.rewards}
+    names = ", ".join(sorted(components))
+    if not components:
+        return "total reward"
+    if components <= LEARNED_REWARDS:
+        return f"learned reward ({names})"
+    if components == {"gold"}:
+        return "gold reward (reward=[gold]: the oracle, not learned)"
+    return f"total reward ({names})"
 
 
 def choose_metrics(runs: Sequence[Run], requested: Sequence[str] | None) -> list[str]:
@@ -409,6 +568,8 @@ class Comparison:
     """configuration label -> metric -> estimate."""
     sources: list[str]
     stage: str
+    curve_titles: dict[str, str] = field(default_factory=dict)
+    """metric -> panel title."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -425,6 +586,7 @@ class Comparison:
                 for c in self.configurations
             ],
             "curve_metrics": self.curve_metrics,
+            "curve_titles": self.curve_titles,
             "table_metrics": self.table_metrics,
             "curves": {
                 m: {label: s.to_dict() for label, s in by_cfg.items()}
@@ -443,10 +605,19 @@ def compare_runs(
     table_metrics: Sequence[str] | None = None,
     ignore: Iterable[str] = IGNORED_KEYS,
     stage: str = "rl",
+    strict_curves: bool = False,
 ) -> Comparison:
-    """Read, group and aggregate the runs under ``paths``."""
+    """Read, group and aggregate the runs under ``paths``.
+
+    Raises :class:`UnknownMetricError` when a requested ``table_metrics`` entry is in no
+    ``summary.json`` (or an explicitly requested curve in no ``metrics.jsonl``).
+    """
     runs = load_runs(paths, stage)
     configs = group_runs(runs, ignore)
+    if runs and table_metrics:
+        check_metrics("--metrics", table_metrics, set().union(*(r.summary for r in runs)))
+    if runs and strict_curves:
+        check_metrics("--curves", curve_metrics, set().union(*(r.curves for r in runs)))
     metrics = choose_metrics(runs, table_metrics)
     curves = {
         m: {c.label: aggregate_curve(c.runs, m) for c in configs if _has_curve(c.runs, m)}
@@ -461,6 +632,7 @@ def compare_runs(
         table=table,
         sources=[str(p) for p in paths],
         stage=stage,
+        curve_titles={m: curve_title(m, configs) for m in curve_metrics},
     )
 
 
@@ -497,7 +669,7 @@ def curves_figure(comparison: Comparison) -> Any:
     colors = _colors(comparison)
     for ax, metric in zip(axes, metrics, strict=False):
         _plot_curves(ax, comparison.curves.get(metric, {}), colors)
-        ax.set_title(CURVES.get(metric, metric))
+        ax.set_title(comparison.curve_titles.get(metric) or CURVES.get(metric, metric))
         ax.set_xlabel(f"{comparison.stage.upper()} step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
@@ -505,7 +677,7 @@ def curves_figure(comparison: Comparison) -> Any:
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     _legend(fig, comparison, colors)
-    fig.suptitle("Mean across runs (seeds) with its 95% Student-t confidence band")
+    fig.suptitle("Mean across seeds (thick), each seed (thin), 95% bootstrap band")
     return fig
 
 
@@ -514,8 +686,20 @@ def _plot_curves(ax: Any, by_cfg: Mapping[str, Series], colors: Mapping[str, Any
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return
     for label, series in by_cfg.items():
+        # Per-seed lines first, thin, so the mean is drawn on top; a leading "_" keeps them
+        # out of legends.
+        for name, curve in series.runs.items():
+            steps = sorted(curve)
+            ax.plot(
+                steps,
+                [curve[s] for s in steps],
+                color=colors[label],
+                label=f"_{label} {name}",
+                linewidth=0.7,
+                alpha=0.45,
+            )
         means = [e.mean for e in series.estimates]
-        ax.plot(series.steps, means, color=colors[label], label=label, linewidth=1.6)
+        ax.plot(series.steps, means, color=colors[label], label=label, linewidth=1.8)
         if any(e.n > 1 for e in series.estimates):
             ax.fill_between(
                 series.steps,
@@ -548,21 +732,23 @@ def final_figure(comparison: Comparison) -> Any:
     fig = Figure(figsize=(3.4 * ncols, 3.2 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     colors = _colors(comparison)
-    labels = [c.label for c in comparison.configurations]
+    configs = comparison.configurations
+    labels = [c.label for c in configs]
     for ax, metric in zip(axes, metrics, strict=False):
         estimates = [comparison.table.get(label, {}).get(metric) for label in labels]
         means = [e.mean if e else math.nan for e in estimates]
-        errs = [e.half_width if e and e.n > 1 else 0.0 for e in estimates]
-        ax.bar(
-            range(len(labels)),
-            means,
-            yerr=errs,
-            color=[colors[label] for label in labels],
-            capsize=4,
-        )
+        # The bootstrap interval is asymmetric: separate lengths below and above the mean.
+        below = [e.mean - e.low if e and e.n > 1 else 0.0 for e in estimates]
+        above = [e.high - e.mean if e and e.n > 1 else 0.0 for e in estimates]
+        x = range(len(labels))
+        ax.bar(x, means, yerr=[below, above], color=[colors[la] for la in labels], capsize=4)
+        for i, c in enumerate(configs):  # each seed's value as a dot on its bar
+            ys = [r.summary[metric] for r in c.runs if metric in r.summary]
+            ax.scatter([i] * len(ys), ys, color="black", s=10, zorder=3)
         ax.set_title(metric)
-        ax.set_xticks(range(len(labels)), [str(i + 1) for i in range(len(labels))])
-        ax.set_xlabel("configuration")
+        # Names on the axis, not numbers to look up in the legend.
+        ticks = [textwrap.fill(label, 22) for label in labels]
+        ax.set_xticks(x, ticks, rotation=30 if len(labels) > 2 else 0, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
@@ -581,9 +767,9 @@ def png_bytes(fig: Any, dpi: int = 100) -> bytes:
 def _cell(e: Estimate | None) -> str:
     if e is None or e.n == 0:
         return "-"
-    if e.n == 1:
+    if e.n == 1 or e.low == e.high:
         return f"{e.mean:.4g}"
-    return f"{e.mean:.4g} ± {e.half_width:.2g}"
+    return f"{e.mean:.4g} [{e.low:.3g}, {e.high:.3g}]"
 
 
 def html_report(comparison: Comparison, images: Mapping[str, bytes]) -> str:
@@ -625,7 +811,8 @@ img {{ max-width: 100%; }}
 <h2>Final metrics</h2>
 <table><tr><th>#</th><th>configuration</th><th>runs</th>{head}</tr>
 {"".join(rows)}</table>
-<p class="note">Mean ± half-width of the {esc(CI_METHOD)}; one run: the value alone.</p>
+<p class="note">Mean [low, high] of the {esc(CI_METHOD)}; one run: the value alone. With
+fewer than about five seeds the interval shows the seeds' spread, not a calibrated 95%.</p>
 {figures}
 <h2>Configurations</h2><ol class="note" style="list-style: none">{configs}</ol>
 </body></html>
@@ -633,7 +820,7 @@ img {{ max-width: 100%; }}
 
 
 def console_table(comparison: Comparison) -> Any:
-    """A rich table of the final metrics: mean ± 95% CI half-width per configuration."""
+    """A rich table of the final metrics: mean [95% CI] per configuration."""
     from rich.table import Table
 
     table = Table(title=f"alignkit compare ({CI_METHOD})")
@@ -700,7 +887,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--curves",
         nargs="+",
         metavar="KEY",
-        default=list(CURVES),
         help=f"metrics.jsonl keys to plot (default: {', '.join(CURVES)})",
     )
     parser.add_argument(
@@ -725,24 +911,35 @@ def default_out(paths: Sequence[Path]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``alignkit compare``; returns the exit status (2: no runs found or a bad path)."""
+    """``alignkit compare``; returns the exit status (2: no runs, a bad path, unknown metrics)."""
     from rich.console import Console
 
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, or a usage error that argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
+    if importlib.util.find_spec("scipy") is None:  # the bootstrap intervals need it
+        print(
+            f"{PROG}: error: needs scipy (a dependency of alignkit): pip install scipy",
+            file=sys.stderr,
+        )
+        return 2
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         print(f"{PROG}: error: no such directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    comparison = compare_runs(
-        args.paths,
-        curve_metrics=args.curves,
-        table_metrics=args.metrics,
-        ignore=args.ignore,
-        stage=args.stage,
-    )
+    try:
+        comparison = compare_runs(
+            args.paths,
+            curve_metrics=args.curves or list(CURVES),
+            table_metrics=args.metrics,
+            ignore=args.ignore,
+            stage=args.stage,
+            strict_curves=args.curves is not None,  # the defaults may be absent (an SFT run)
+        )
+    except UnknownMetricError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     if not comparison.configurations:
         where = ", ".join(str(p) for p in args.paths)
         print(

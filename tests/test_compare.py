@@ -23,8 +23,6 @@ from alignkit import compare
 from tests.conftest import run_cli
 from tests.test_sweeps import ALGORITHMS, SEEDS, job_dirs, shared_rl_sweep
 
-# t(0.975, df) from a statistics table, independent of the module's own table.
-T975 = {1: 12.7062047362, 2: 4.30265272975, 3: 3.18244630528, 9: 2.26215716280}
 CURVE_KEYS = ("gold/score", "reward/total", "kl/ref", "response/length")
 RL_FINAL = ("rl_final/gold/score", "rl_final/reward/total", "rl_final/kl/ref")
 
@@ -44,11 +42,23 @@ def report(rl_sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval, computed the textbook way."""
+def ci(values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple:
+    """Mean, low and high of the seeded 95% percentile bootstrap, clipped to ``bounds``."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
     mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return mean, T975[len(values) - 1] * sd / math.sqrt(len(values))
+    if min(values) == max(values):
+        return mean, mean, mean
+    res = bootstrap(
+        (np.asarray(values),),
+        np.mean,
+        n_resamples=9999,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    ).confidence_interval
+    low = min(max(res.low, bounds[0]), mean)
+    return mean, low, max(min(res.high, bounds[1]), mean)
 
 
 def expected_runs(sweep: Path) -> dict[str, list[Path]]:
@@ -106,19 +116,31 @@ def test_one_curve_per_configuration_with_the_mean_across_seeds(
             assert series["step"] == [0, 1, 2]
             assert series["n"] == [len(SEEDS)] * 3
             for i, step in enumerate(series["step"]):
-                mean, half = ci([c[step] for c in curves])
+                mean, low, high = ci([c[step] for c in curves], compare.metric_range(key))
                 assert series["mean"][i] == pytest.approx(mean, rel=1e-9, abs=1e-12)
-                assert series["half_width"][i] == pytest.approx(half, rel=1e-6, abs=1e-12)
+                assert series["low"][i] == pytest.approx(low, rel=1e-9, abs=1e-12)
+                assert series["high"][i] == pytest.approx(high, rel=1e-9, abs=1e-12)
+            # Per-seed lines: each run's own curve, as logged.
+            assert {rl_curve(j, key)[0] for j in jobs} == {
+                r["value"][0] for r in series["runs"].values()
+            }
+            assert set(series["runs"]) == {f"seed={s}" for s in SEEDS}
 
 
 def test_plotted_figure_has_one_line_per_configuration(rl_sweep: Path) -> None:
     comparison = compare.compare_runs([rl_sweep])
     fig = compare.curves_figure(comparison)
     axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
-    assert [ax.get_title() for ax in axes] == [compare.CURVES[k] for k in CURVE_KEYS]
+    titles = [ax.get_title() for ax in axes]
+    assert titles[0] == compare.CURVES["gold/score"]
+    # The sweep runs RL on reward=[gold]: its reward panel must not claim a learned reward.
+    assert "gold" in titles[1] and "learned reward" not in titles[1]
     runs = expected_runs(rl_sweep)
     for ax, key in zip(axes, CURVE_KEYS, strict=True):
         lines = {line.get_label(): line for line in ax.get_lines()}
+        seeds = {k for k in lines if k.startswith("_")}  # thin per-seed lines, not in legends
+        assert seeds == {f"_algorithm={a} seed={s}" for a in ALGORITHMS for s in SEEDS}
+        lines = {k: v for k, v in lines.items() if k not in seeds}
         assert set(lines) == {f"algorithm={a}" for a in ALGORITHMS}
         for algo, jobs in runs.items():
             ys = lines[f"algorithm={algo}"].get_ydata()
@@ -137,12 +159,12 @@ def test_final_table_holds_mean_and_ci_of_the_summaries(rl_sweep: Path, report: 
         row = data["table"][f"algorithm={algo}"]
         for key in RL_FINAL:
             values = [json.loads((j / "summary.json").read_text())[key] for j in jobs]
-            mean, half = ci(values)
+            mean, low, high = ci(values, compare.metric_range(key))
             assert row[key]["mean"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
-            assert row[key]["low"] == pytest.approx(mean - half, rel=1e-6, abs=1e-12)
-            assert row[key]["high"] == pytest.approx(mean + half, rel=1e-6, abs=1e-12)
+            assert row[key]["low"] == pytest.approx(low, rel=1e-9, abs=1e-12)
+            assert row[key]["high"] == pytest.approx(high, rel=1e-9, abs=1e-12)
             assert row[key]["n"] == len(SEEDS)
-            shown = f"{mean:.4g} ± {half:.2g}"
+            shown = f"{mean:.4g} [{low:.3g}, {high:.3g}]" if low != high else f"{mean:.4g}"
             assert shown in page, (algo, key, shown)
             assert shown in stdout, (algo, key, shown)
         assert f"algorithm={algo}" in stdout
@@ -183,21 +205,10 @@ def make_run(
     return path
 
 
-@pytest.mark.parametrize("df", sorted(T975))
-def test_t_quantile_matches_the_table(df: int) -> None:
-    assert compare.t_quantile_975(df) == pytest.approx(T975[df], abs=1e-8)
-
-
-@pytest.mark.parametrize(("df", "value"), [(40, 2.02107539), (60, 2.00029782), (120, 1.97993038)])
-def test_t_quantile_series_beyond_the_table(df: int, value: float) -> None:
-    assert compare.t_quantile_975(df) == pytest.approx(value, abs=1e-7)
-    assert compare.t_quantile_975(30) > compare.t_quantile_975(31) > 1.959963984540054
-
-
 def test_mean_ci_of_known_values() -> None:
     e = compare.mean_ci([1.0, 2.0, 3.0, float("nan")])  # NaN is a missing value, not a zero
     assert (e.mean, e.n) == (2.0, 3)
-    assert e.half_width == pytest.approx(T975[2] / math.sqrt(3))
+    assert (e.low, e.high) == pytest.approx(ci([1.0, 2.0, 3.0])[1:])
     one = compare.mean_ci([5.0])
     assert (one.low, one.high, one.n) == (5.0, 5.0, 1)
     assert compare.mean_ci([]).n == 0
@@ -205,7 +216,8 @@ def test_mean_ci_of_known_values() -> None:
 
 def test_runs_are_grouped_by_overrides_minus_the_seed(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    values = {("a", 0): 1.0, ("a", 1): 3.0, ("b", 0): 10.0, ("b", 1): 14.0, ("b", 2): 12.0}
+    # Win rates and scores live in [0, 1].
+    values = {("a", 0): 0.1, ("a", 1): 0.3, ("b", 0): 0.5, ("b", 1): 0.75, ("b", 2): 0.625}
     for i, ((algo, seed), v) in enumerate(values.items()):
         make_run(
             sweep / f"{i}_algorithm={algo},seed={seed}",
@@ -220,11 +232,11 @@ def test_runs_are_grouped_by_overrides_minus_the_seed(tmp_path: Path) -> None:
     ]
     assert c.table_metrics == ["gold_win_rate", "gold_score_policy"]
     b = c.table["algorithm=b"]["gold_win_rate"]
-    assert (b.mean, b.n) == (12.0, 3)
-    assert b.half_width == pytest.approx(T975[2] * 2.0 / math.sqrt(3))
+    assert (b.mean, b.n) == (pytest.approx(0.625), 3)
+    assert (b.low, b.high) == pytest.approx(ci([0.5, 0.75, 0.625])[1:])
     curve = c.curves["gold/score"]["algorithm=a"]
     assert curve.steps == [0, 1]
-    assert [e.mean for e in curve.estimates] == [0.0, 2.0]
+    assert [e.mean for e in curve.estimates] == pytest.approx([0.0, 0.2])
     # --ignore: with the algorithm ignored too, everything is one configuration.
     merged = compare.compare_runs([sweep], ignore=["seed", "algorithm"])
     assert [len(cfg.runs) for cfg in merged.configurations] == [5]
@@ -277,13 +289,14 @@ def test_requested_metrics_and_missing_values(tmp_path: Path, capsys: Any) -> No
     make_run(sweep / "1_seed=1", ["seed=1"], summary={"a": 2.0, "b": 4.0})
     make_run(sweep / "2_seed=2", ["seed=2"])  # crashed before writing summary.json
     out = tmp_path / "out"
-    assert compare.main([str(sweep), "--out", str(out), "--metrics", "b", "missing"]) == 0
+    assert compare.main([str(sweep), "--out", str(out), "--metrics", "b", "a"]) == 0
     data = json.loads((out / "compare.json").read_text())
     (row,) = data["table"].values()  # the seeds are repeats: one configuration
-    assert row["b"] == {"mean": 4.0, "low": 4.0, "high": 4.0, "half_width": 0.0, "n": 1}
-    assert row["missing"]["n"] == 0 and row["missing"]["mean"] is None
+    # Only one seed has b: its value alone; the seed that crashed is simply not counted.
+    assert row["b"] == {"mean": 4.0, "low": 4.0, "high": 4.0, "n": 1}
+    assert row["a"]["n"] == 2
     printed = capsys.readouterr().out
-    assert "missing" in printed and "report.html" in printed
+    assert "report.html" in printed
 
 
 def test_default_out_is_inside_the_sweep(tmp_path: Path) -> None:
@@ -307,3 +320,108 @@ def test_usage_errors_return_a_status(capsys: Any) -> None:
     assert "alignkit compare" in capsys.readouterr().out
     assert compare.main(["--no-such-option", "x"]) == 2
     assert "usage: alignkit compare" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# honest intervals, per-seed lines, named bars, the reward panel, unknown metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_seed_sweep(root: Path, reward: str = "gold") -> Path:
+    """Two configurations x two seeds whose t-interval would leave [0, 1] and go below 0."""
+    sweep = root / "sweep"
+    values = {
+        ("a", 0): (0.05, 2.0),
+        ("a", 1): (0.95, 40.0),
+        ("b", 0): (0.4, 5.0),
+        ("b", 1): (0.6, 7.0),
+    }
+    for i, ((algo, seed), (score, length)) in enumerate(values.items()):
+        run = make_run(
+            sweep / f"{i}_algorithm-{algo}+seed-{seed}",
+            [f"algorithm={algo}", f"seed={seed}"],
+            rl={
+                "gold/score": [0.5, score],
+                "response/length": [10.0, length],
+                "reward/total": [0, 1],
+            },
+            summary={"gold_score_policy": score, "gold_win_rate": score, "kl_to_sft": 0.1 * i},
+        )
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"reward": {reward: {}}}))
+    return sweep
+
+
+def test_few_seed_intervals_stay_inside_the_metric_range(tmp_path: Path) -> None:
+    c = compare.compare_runs([_two_seed_sweep(tmp_path)])
+    a = c.table["algorithm=a"]["gold_score_policy"]
+    assert a.mean == pytest.approx(0.5) and 0.0 <= a.low <= a.mean <= a.high <= 1.0
+    for series in c.curves["gold/score"].values():
+        assert all(0.0 <= e.low <= e.mean <= e.high <= 1.0 for e in series.estimates)
+    for series in c.curves["response/length"].values():
+        assert all(e.low >= 0.0 for e in series.estimates)
+    # Clipping applies to the bootstrap's own bounds too: a [0, 1] score never leaves [0, 1].
+    e = compare.mean_ci([0.0, 0.0, 1.0], bounds=(0.0, 1.0))
+    assert e.low >= 0.0 and e.high <= 1.0
+    assert compare.metric_range("rl_final/response/length") == (0.0, math.inf)
+    assert compare.metric_range("kl/ref") == (-math.inf, math.inf)
+
+
+def test_interval_is_scipy_percentile_bootstrap_and_reproducible() -> None:
+    values = [0.31, 0.42, 0.38, 0.55, 0.47]
+    e = compare.mean_ci(values)
+    assert (e.low, e.high) == pytest.approx(ci(values)[1:])
+    assert compare.mean_ci(values) == e  # seeded: the same report every time
+    assert "bootstrap" in compare.CI_METHOD
+
+
+def test_every_seed_has_its_own_line(tmp_path: Path) -> None:
+    c = compare.compare_runs([_two_seed_sweep(tmp_path)])
+    fig = compare.curves_figure(c)
+    ax = next(ax for ax in fig.axes if ax.get_title() == compare.CURVES["gold/score"])
+    seed_lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    assert seed_lines["_algorithm=a seed=0"] == [0.5, 0.05]
+    assert seed_lines["_algorithm=a seed=1"] == [0.5, 0.95]
+    assert seed_lines["algorithm=a"] == pytest.approx([0.5, 0.5])
+
+
+def test_bars_are_labelled_with_configuration_names(tmp_path: Path) -> None:
+    c = compare.compare_runs([_two_seed_sweep(tmp_path)])
+    fig = compare.final_figure(c)
+    for ax in (ax for ax in fig.axes if ax.get_visible() and ax.get_title()):
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["algorithm=a", "algorithm=b"], ticks
+        # One dot per seed on each bar.
+        from matplotlib.collections import PathCollection
+
+        dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert sum(len(c.get_offsets()) for c in dots) == 4
+
+
+@pytest.mark.parametrize(
+    ("reward", "expected"),
+    [("gold", "gold reward"), ("bradley_terry", "learned reward (bradley_terry)")],
+)
+def test_reward_panel_is_named_after_the_reward_used(
+    tmp_path: Path, reward: str, expected: str
+) -> None:
+    c = compare.compare_runs([_two_seed_sweep(tmp_path, reward)])
+    assert c.curve_titles["reward/total"].startswith(expected)
+    fig = compare.curves_figure(c)
+    assert c.curve_titles["reward/total"] in [ax.get_title() for ax in fig.axes]
+    if reward == "gold":
+        assert "learned" not in c.curve_titles["reward/total"].replace("not learned", "")
+
+
+def test_unknown_metrics_are_an_error_listing_the_available_ones(
+    tmp_path: Path, capsys: Any
+) -> None:
+    sweep = _two_seed_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert compare.main([str(sweep), "--out", str(out), "--metrics", "gold_win_rat"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --metrics metric(s): gold_win_rat" in err
+    assert "available: gold_score_policy, gold_win_rate, kl_to_sft" in err
+    assert not out.exists()
+    assert compare.main([str(sweep), "--out", str(out), "--curves", "kl/reff"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --curves metric(s): kl/reff" in err and "gold/score" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,67 @@ def _golden_experiments() -> list[Path]:
     return [
         REPO / "conf" / "experiment" / f"{n}.yaml" for n in ("compare_algorithms", "rm_variants")
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# job folder names
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_run_dir_override(path: Path) -> Any:
+    """``run_dir=<path>`` pasted unquoted, parsed by Hydra's own override grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([f"run_dir={path}"])
+    return override
+
+
+def test_every_sweep_folder_pastes_into_a_run_dir_override(rl_sweep: Path, compose: Any) -> None:
+    """The shared sweep overrides ``reward=[gold]``: its folders once held ``=,[]``."""
+    jobs = job_dirs(rl_sweep)
+    assert len(jobs) == len(ALGORITHMS) * len(SEEDS)
+    for job in jobs:
+        name = job.relative_to(rl_sweep).as_posix()
+        assert "/" not in name, f"{name}: one folder per job"
+        assert re.fullmatch(r"\d+_[A-Za-z0-9_.+-]+", name), name
+        text = f"run_dir={job}"
+        assert shlex.split(text) == [text], f"{text}: the shell would need quotes"
+        override = _as_run_dir_override(job)
+        assert not override.is_sweep_override() and override.value() == str(job)
+        assert compose([text]).run_dir == str(job)
+    # Readable: what a job overrides is in its name (the job number keeps names unique).
+    names = {job.name for job in jobs}
+    for algo in ALGORITHMS:
+        for seed in SEEDS:
+            assert any(f"algorithm-{algo}+" in n and f"+seed-{seed}" in n for n in names), names
+    assert all("reward-gold" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    ("override_dirname", "expected"),
+    [
+        ("algorithm=ppo,reward=[gold],seed=0", "algorithm-ppo+reward-gold+seed-0"),
+        ("reward=[gold,bradley_terry],+sweep=joblib", "reward-gold.bradley_terry+sweep-joblib"),
+        ("task.columns={prompt: question},x='a b'", "task.columns-prompt-question+x-a-b"),
+        ("rl.optim.lr=2e-3,rl.kl_coef=-0.1", "rl.optim.lr-2e-3+rl.kl_coef--0.1"),
+        ("task.sft_data=data/sft.jsonl,~eval", "task.sft_data-data-sft.jsonl+eval"),
+        ("", "job"),
+    ],
+)
+def test_sweep_subdir_names_are_shell_and_override_safe(
+    override_dirname: str, expected: str
+) -> None:
+    from alignkit.compare import sweep_subdir_name
+
+    name = sweep_subdir_name(override_dirname)
+    assert name == expected
+    path = Path("multirun/2026-01-01/12-00-00") / f"3_{name}"
+    assert shlex.split(f"run_dir={path}") == [f"run_dir={path}"]
+    assert _as_run_dir_override(path).value() == str(path)
+
+
+def test_long_sweep_subdir_names_fit_a_file_name() -> None:
+    from alignkit.compare import sweep_subdir_name
+
+    name = sweep_subdir_name(",".join(f"key{i}=value{i}" for i in range(100)))
+    assert 0 < len(name) <= 180 and name.startswith("key0-value0+")
