@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
@@ -97,6 +98,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 
+_TRUE_ENV = ("1", "ON", "YES", "TRUE")
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
 _DROPOUT_MODULES = (
     nn.Dropout,
     nn.Dropout1d,
@@ -126,15 +130,100 @@ def _looks_like_local_path(name: str) -> bool:
     return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def _resolve_source(name_or_path: str | os.PathLike[str]) -> str:
-    """Expand a local path and fail early, naming it, when it does not exist."""
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read at each call.
+
+    huggingface_hub reads these variables once, when it is imported; reading them here too means
+    a value set later (by a launcher, a test, a notebook) still stops every download.
+    """
+    return any(os.environ.get(k, "").strip().upper() in _TRUE_ENV for k in _OFFLINE_ENV)
+
+
+def _in_hub_cache(name: str, revision: str | None) -> bool:
+    """Whether the hub cache holds ``name``'s ``config.json`` (no network is touched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id (HFValidationError): it cannot be cached either
+        return False
+    return isinstance(found, str)
+
+
+def _names_missing_folder(name: str) -> bool:
+    """Whether ``name`` (``a/b``) starts with a folder that exists here but does not continue.
+
+    ``runs/sft`` is also a well-formed hub id; when ``runs/`` is a local folder the user meant
+    a path, and sending it to the hub would only wait on the network before failing.
+    """
+    head, sep, _ = name.partition("/")
+    return bool(sep) and os.path.isdir(head) and not os.path.exists(name)
+
+
+def _resolve_source(name_or_path: str | os.PathLike[str], revision: str | None = None) -> str:
+    """Expand a local path; fail at once, naming it, when it cannot be loaded without a wait.
+
+    A path that does not exist, or (offline) a hub id that is not in the local cache, raises
+    :class:`ModelLoadError` here instead of after the hub client's network retries.
+    """
     name = os.fspath(name_or_path)
     if isinstance(name_or_path, Path) or _looks_like_local_path(name):
         path = Path(name).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model path does not exist: {name}")
         return str(path)
+    if os.path.exists(name):
+        return name
+    if _names_missing_folder(name):
+        raise ModelLoadError(
+            f"model path does not exist: {name} (the folder {name.partition('/')[0]!r} exists "
+            "here, so it is not taken for a hub id)"
+        )
+    if hub_offline() and not _in_hub_cache(name, revision):
+        raise ModelLoadError(
+            f"model {name!r} is neither a local folder nor a model in the hub cache, and "
+            "HF_HUB_OFFLINE is set (nothing is downloaded)"
+        )
     return name
+
+
+def _hub_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments; offline (read now) means local files only."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if hub_offline():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _corrupt_weights(source: str) -> Path | None:
+    """The first ``*.safetensors`` file of the folder ``source`` whose header does not parse."""
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return None
+
+
+def _load_error(
+    name_or_path: str | os.PathLike[str], source: str, exc: Exception
+) -> ModelLoadError:
+    """A ModelLoadError naming the model and, for corrupt weights, the file at fault.
+
+    safetensors' own message ("Error while deserializing header: ...") names no file.
+    """
+    name = os.fspath(name_or_path)
+    if isinstance(exc, SafetensorError):
+        bad = _corrupt_weights(source)
+        what = f"weights file {bad}" if bad is not None else "a safetensors weights file"
+        return ModelLoadError(
+            f"could not load {name!r}: {what} is corrupt or truncated ({exc}); save or "
+            "download the model again"
+        )
+    return ModelLoadError(f"could not load {name!r}: {exc}")
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -320,23 +409,22 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for RL.
 
-    A local-looking ``name_or_path`` that does not exist raises :class:`ModelLoadError` naming it;
-    anything else is handed to ``from_pretrained`` (Hub ids included), and its errors are
-    re-raised as :class:`ModelLoadError` with the original message.
+    A local-looking ``name_or_path`` that does not exist, or (with ``HF_HUB_OFFLINE``) a hub id
+    missing from the cache, raises :class:`ModelLoadError` naming it at once; anything else is
+    handed to ``from_pretrained`` (Hub ids included), and its errors, corrupt weights files
+    included, are re-raised as :class:`ModelLoadError` naming the model (and the bad file).
 
     The tokenizer pads on the left; a missing pad token (or one equal to EOS) is replaced by
     ``"<|pad|>"`` and the embeddings are resized. The model is returned in eval mode with dropout
     disabled so log-probs are deterministic.
     """
-    source = _resolve_source(name_or_path)
-    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
-    if revision is not None:
-        kwargs["revision"] = revision
+    source = _resolve_source(name_or_path, revision)
+    kwargs = _hub_kwargs(trust_remote_code, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load {os.fspath(name_or_path)!r}: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise _load_error(name_or_path, source, exc) from exc
     _prepare_tokenizer(model, tokenizer)
     fuse_tanh_gelu(model)
     model.to(device)
@@ -892,7 +980,7 @@ class ScalarHeadModel(nn.Module):
         source = _resolve_source(path)
         folder = Path(source)
         legacy = (folder / HEAD_WEIGHTS_NAME).is_file()
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        kwargs = _hub_kwargs(trust_remote_code)
         try:
             config = None if legacy else AutoConfig.from_pretrained(source, **kwargs)
             if config is not None and any(
@@ -904,10 +992,14 @@ class ScalarHeadModel(nn.Module):
                 model = cls(backbone)
         except ModelLoadError:
             raise
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load {os.fspath(path)!r}: {exc}") from exc
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise _load_error(path, source, exc) from exc
         if legacy:
-            model.head.load_state_dict(load_file(folder / HEAD_WEIGHTS_NAME))
+            try:
+                head = load_file(folder / HEAD_WEIGHTS_NAME)
+            except SafetensorError as exc:
+                raise _load_error(path, source, exc) from exc
+            model.head.load_state_dict(head)
             if (folder / HEAD_CONFIG_NAME).is_file():
                 head_config = json.loads((folder / HEAD_CONFIG_NAME).read_text())
                 model.mean.fill_(float(head_config.get("mean", 0.0)))

@@ -105,9 +105,10 @@ GOOD_ANSWER = {
 
 
 class Stub:
-    """A localhost server whose POST answers come from ``reply(n, body) -> (status, text)``."""
+    """A localhost server whose POST answers come from ``reply(n, body) -> (status, text)``
+    (or ``(status, text, headers)`` to send extra headers, e.g. ``Retry-After``)."""
 
-    def __init__(self, reply: Callable[[int, dict], tuple[int, str]]) -> None:
+    def __init__(self, reply: Callable[[int, dict], tuple]) -> None:
         self.count = 0
         self.headers: list[str | None] = []
         lock = threading.Lock()
@@ -123,12 +124,17 @@ class Stub:
                     stub.count += 1
                     n = stub.count
                     stub.headers.append(self.headers.get("Authorization"))
-                status, text = reply(n, body)
+                status, text, *extra = reply(n, body)
                 data = text.encode()
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left (the hung-server tests)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

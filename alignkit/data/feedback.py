@@ -12,8 +12,9 @@ may have ``prompt_id`` (the task's record id, used to ask the gold oracle about 
   (name -> score, e.g. helpfulness and harmlessness).
 
 A malformed record raises :class:`~alignkit.errors.DataError` naming the file, the line (the
-row, 1-based, for a dataset) and the field. Duplicate records, empty responses and pairs whose
-two responses are identical are not errors: :func:`check_feedback` reports them.
+row, 1-based, for a dataset) and the field; so does a rating outside ``1..rating_scale`` when
+the reader is given the scale (``feedback.rating_scale``). Duplicate records, empty responses
+and pairs whose two responses are identical are not errors: :func:`check_feedback` reports them.
 
 Training code sees every format through one view, :class:`PreferenceGroup`: one prompt, its
 responses, their dense ranks and the ordered pairs among them.
@@ -220,12 +221,28 @@ def _parse_ranking(raw: Mapping[str, Any], where: str) -> RankingFeedback:
     return RankingFeedback(prompt, responses, list(ranks), _prompt_id(raw, where), where)
 
 
-def _parse_rating(raw: Mapping[str, Any], where: str) -> RatingFeedback:
+def _check_scale(value: float, key: str, where: str, scale: int | None) -> float:
+    """``value`` when it lies on the Likert scale ``1..scale`` (or no scale is given).
+
+    A score off the scale (a 0-10 file read as 1-7, a typo) would otherwise become a large
+    rating gap, i.e. a confident preference, without any warning.
+    """
+    if scale is not None and not 1 <= value <= scale:
+        raise DataError(
+            f"{where}: field {key!r} is {value:g}, outside the rating scale 1..{scale} "
+            "(feedback.rating_scale)"
+        )
+    return value
+
+
+def _parse_rating(
+    raw: Mapping[str, Any], where: str, rating_scale: int | None = None
+) -> RatingFeedback:
     prompt = require_str(raw, "prompt", where)
     response = require_str(raw, "response", where, allow_empty=True)
     if "score" not in raw or raw["score"] is None:
         raise DataError(f"{where}: missing field 'score'")
-    score = _number(raw, "score", where)
+    score = _check_scale(_number(raw, "score", where), "score", where, rating_scale)
     attributes = None
     if _optional(raw, "attributes"):
         value = raw["attributes"]
@@ -236,7 +253,13 @@ def _parse_rating(raw: Mapping[str, Any], where: str) -> RatingFeedback:
         # Dataset rows store a struct column with None for attributes a row does not have.
         present = {str(k): v for k, v in value.items() if v is not None}
         attributes = {
-            k: _number({f"attributes.{k}": v}, f"attributes.{k}", where) for k, v in present.items()
+            k: _check_scale(
+                _number({f"attributes.{k}": v}, f"attributes.{k}", where),
+                f"attributes.{k}",
+                where,
+                rating_scale,
+            )
+            for k, v in present.items()
         }
     return RatingFeedback(prompt, response, score, attributes, _prompt_id(raw, where), where)
 
@@ -244,9 +267,18 @@ def _parse_rating(raw: Mapping[str, Any], where: str) -> RatingFeedback:
 _PARSERS = {"pairwise": _parse_pairwise, "rankings": _parse_ranking, "ratings": _parse_rating}
 
 
-def parse_record(raw: Mapping[str, Any], where: str) -> FeedbackRecord:
-    """One record of any format; ``where`` (``file:line``) prefixes every error."""
-    return _PARSERS[detect_format(raw, where)](raw, where)
+def parse_record(
+    raw: Mapping[str, Any], where: str, *, rating_scale: int | None = None
+) -> FeedbackRecord:
+    """One record of any format; ``where`` (``file:line``) prefixes every error.
+
+    ``rating_scale``: ratings (overall and per attribute) must lie in ``1..rating_scale``;
+    None accepts any finite number.
+    """
+    fmt = detect_format(raw, where)
+    if fmt == "ratings":
+        return _parse_rating(raw, where, rating_scale)
+    return _PARSERS[fmt](raw, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,12 +293,19 @@ def is_dataset_dir(path: Path) -> bool:
     )
 
 
-def read_feedback_jsonl(path: str | Path) -> list[FeedbackRecord]:
+def read_feedback_jsonl(
+    path: str | Path, *, rating_scale: int | None = None
+) -> list[FeedbackRecord]:
     """Records of a JSONL file; errors name ``file:line`` and the field."""
-    return [parse_record(raw, f"{path}:{lineno}") for lineno, raw in read_jsonl(path)]
+    return [
+        parse_record(raw, f"{path}:{lineno}", rating_scale=rating_scale)
+        for lineno, raw in read_jsonl(path)
+    ]
 
 
-def read_feedback_dataset(path: str | Path) -> list[FeedbackRecord]:
+def read_feedback_dataset(
+    path: str | Path, *, rating_scale: int | None = None
+) -> list[FeedbackRecord]:
     """Records of a dataset saved with ``save_to_disk``; rows are numbered from 1.
 
     A ``DatasetDict`` contributes every split, located as ``<path>/<split>:<row>``.
@@ -284,7 +323,7 @@ def read_feedback_dataset(path: str | Path) -> list[FeedbackRecord]:
     for split, ds in parts:
         prefix = f"{path}/{split}" if split else str(path)
         for row, raw in enumerate(ds, start=1):
-            records.append(parse_record(raw, f"{prefix}:{row}"))
+            records.append(parse_record(raw, f"{prefix}:{row}", rating_scale=rating_scale))
     return records
 
 
@@ -301,14 +340,17 @@ def feedback_files(path: str | Path) -> list[Path]:
     raise DataError(f"{path}: feedback data not found")
 
 
-def read_feedback(path: str | Path) -> list[FeedbackRecord]:
-    """Records from a JSONL file, a saved dataset, or every ``*.jsonl`` in a folder."""
+def read_feedback(path: str | Path, *, rating_scale: int | None = None) -> list[FeedbackRecord]:
+    """Records from a JSONL file, a saved dataset, or every ``*.jsonl`` in a folder.
+
+    ``rating_scale``: reject ratings outside ``1..rating_scale`` (None: any finite number).
+    """
     records: list[FeedbackRecord] = []
     for source in feedback_files(path):
         if is_dataset_dir(source):
-            records += read_feedback_dataset(source)
+            records += read_feedback_dataset(source, rating_scale=rating_scale)
         else:
-            records += read_feedback_jsonl(source)
+            records += read_feedback_jsonl(source, rating_scale=rating_scale)
     return records
 
 
@@ -389,11 +431,16 @@ def drop_duplicates(records: Iterable[FeedbackRecord]) -> list[FeedbackRecord]:
     return out
 
 
-def load_feedback(paths: Sequence[str | Path]) -> tuple[list[FeedbackRecord], FeedbackReport]:
-    """Read every source, report problems, and return the records without duplicates."""
+def load_feedback(
+    paths: Sequence[str | Path], *, rating_scale: int | None = None
+) -> tuple[list[FeedbackRecord], FeedbackReport]:
+    """Read every source, report problems, and return the records without duplicates.
+
+    ``rating_scale`` (``feedback.rating_scale``): ratings must lie in ``1..rating_scale``.
+    """
     if not paths:
         raise DataError("no feedback data given")
-    records = [r for p in paths for r in read_feedback(p)]
+    records = [r for p in paths for r in read_feedback(p, rating_scale=rating_scale)]
     if not records:
         raise DataError(f"{', '.join(map(str, paths))}: no feedback records")
     return drop_duplicates(records), check_feedback(records)

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from alignkit.errors import DataError
+
+
+def decode_lines(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of a UTF-8 file.
+
+    Bad UTF-8 is a DataError at ``where(line)`` naming the byte, its column and its offset in
+    the file (what ``xxd``/``hexdump`` shows), rather than a bare ``UnicodeDecodeError`` that
+    names neither file nor line. A byte-order mark on the first line is dropped.
+    """
+    offset = 0  # bytes before the current line, for the file offset in the message
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                # utf-8-sig on the first line drops the byte-order mark spreadsheet tools write.
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{where(lineno)}: not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}, file offset {offset + exc.start}); save the file as UTF-8"
+                ) from None
+            offset += len(raw)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -15,19 +36,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield lineno, record
+    for lineno, line in decode_lines(path, lambda n: f"{path}:{n}"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def require_str(

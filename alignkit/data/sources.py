@@ -46,6 +46,7 @@ from alignkit.data.formats import (
     parse_prompt,
     parse_unpaired,
 )
+from alignkit.data.jsonl import decode_lines
 from alignkit.errors import ConfigError, DataError
 
 T = TypeVar("T")
@@ -62,20 +63,6 @@ _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_lines(path: Path, where: Callable[[int], str]) -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` of each line; bad UTF-8 is a DataError at ``where(line)``."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                # utf-8-sig on the first line drops the byte-order mark spreadsheet tools write.
-                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{where(lineno)}: not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
-                    f"{exc.start + 1}); save the file as UTF-8"
-                ) from None
-
-
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
@@ -83,7 +70,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _json_lines(path: Path, where: Callable[[int], str]) -> Iterator[Record]:
-    for lineno, line in _decode_lines(path, where):
+    for lineno, line in decode_lines(path, where):
         if not line.strip():
             continue
         try:
@@ -125,7 +112,7 @@ def _json_records(path: Path, value: Any) -> list[Any]:
 
 
 def _read_json(path: Path) -> Iterator[Record]:
-    lines = _decode_lines(path, lambda n: f"{path}:line {n}")
+    lines = decode_lines(path, lambda n: f"{path}:line {n}")
     text = "\n".join(line.rstrip("\r\n") for _, line in lines)
     try:
         value = json.loads(text)
@@ -149,7 +136,7 @@ def _csv_cell(cell: str) -> Any:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
-    lines = (line for _, line in _decode_lines(path, lambda n: f"{path}:line {n}"))
+    lines = (line for _, line in decode_lines(path, lambda n: f"{path}:line {n}"))
     reader = csv.reader(lines)
     try:
         header = next(reader)

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from alignkit.config import RewardConfig
 from alignkit.errors import ConfigError
 from alignkit.judges.critic import CritiqueJudge
+from alignkit.judges.http import DEFAULT_DEADLINE_S
 from alignkit.judges.templates import load_template, parse_principles
 
 __all__ = [
@@ -75,7 +76,13 @@ class JudgeConfig:
     timeout_s: float = 30.0
     max_retries: int = 3
     backoff_s: float = 0.5
-    """First retry delay; doubles with each retry."""
+    """First retry delay; doubles with each retry, times a random factor in [0.5, 1.5). A 429
+    or 503 answer's ``Retry-After`` (seconds or HTTP date) is waited instead."""
+    deadline_s: float | None = DEFAULT_DEADLINE_S
+    """Seconds one request may take with all its retries and waits (null: no limit). Once a
+    request gave up on a hung server, the rest of the step's batch stops retrying, so a hung
+    judge fails a step in about this long (the former worst case, 30 s x 4 attempts per wave
+    of requests, was minutes)."""
     top_logprobs: int = 5
     """Alternatives per token requested for the verdict (0: parse the verdict from text)."""
 
@@ -167,6 +174,12 @@ def critique_config(cfg: Any) -> Any:
         raise ConfigError(f"reward.critique: {exc}") from None
 
 
+def _optional_float(node: Any, key: str, default: float | None) -> float | None:
+    """``node.key`` as a float (None stays None), or ``default`` when the node lacks the key."""
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return None if value is None else float(value)
+
+
 def build_backend(judge: Any, device: str | torch.device = "cpu", system: str = "") -> Any:
     """The backend named by ``judge.backend``."""
     name = str(judge.backend)
@@ -199,6 +212,8 @@ def build_backend(judge: Any, device: str | torch.device = "cpu", system: str = 
             timeout_s=float(judge.timeout_s),
             max_retries=int(judge.max_retries),
             backoff_s=float(judge.backoff_s),
+            # eval.judge's schema may predate the key: fall back to the default.
+            deadline_s=_optional_float(judge, "deadline_s", DEFAULT_DEADLINE_S),
             max_critique_tokens=int(judge.max_critique_tokens),
             top_logprobs=int(judge.top_logprobs),
             system=system,

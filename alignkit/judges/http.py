@@ -5,7 +5,15 @@ serve`` or a hosted API.
 * Requests run concurrently on a thread pool bounded by ``max_concurrency``.
 * Each request has a timeout; timeouts, connection errors, HTTP 429 and 5xx, and answers that
   are not the expected JSON are retried up to ``max_retries`` times with exponential backoff
-  ``backoff_s * 2**attempt``. Other 4xx answers (a wrong model name, a bad key) fail at once.
+  ``backoff_s * 2**attempt`` times a random factor in [0.5, 1.5) (jitter, so that the requests
+  of a batch that failed together do not all come back at the same instant). A 429 or 503
+  with a ``Retry-After`` header (seconds or an HTTP date) waits what the server asked instead.
+  Other 4xx answers (a wrong model name, a bad key) fail at once.
+* ``deadline_s`` bounds one request with all its retries and waits. And once a request of a
+  batch gave up on a hung or unreachable server (its last failure a timeout or a connection
+  error), the batch's other requests give up at their next attempt instead of each waiting out
+  its own timeouts: a hung judge fails a step in about ``deadline_s``, not
+  ``timeout_s * (max_retries + 1)`` per wave of ``max_concurrency`` requests.
 * The API key is read from the environment variable *named* by ``api_key_env``; the config
   never holds the key, and no error message, log line or repr contains it.
 * A request that still fails is returned as a :class:`JudgeError` for that row; the
@@ -20,11 +28,16 @@ server without log-probs leaves the verdict to be parsed from the text.
 
 from __future__ import annotations
 
+import email.utils
+import math
 import os
+import random
 import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -33,11 +46,43 @@ from alignkit.errors import ConfigError
 from alignkit.judges.base import JudgeError, RawVerdict, cut_critique
 from alignkit.judges.verdict import match_option_logprobs
 
-__all__ = ["ENDPOINTS", "HTTPJudge", "read_api_key"]
+__all__ = ["DEFAULT_DEADLINE_S", "ENDPOINTS", "HTTPJudge", "read_api_key", "retry_after_s"]
 
 ENDPOINTS = ("completions", "chat")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_RETRY_AFTER_STATUS = {429, 503}
+DEFAULT_DEADLINE_S = 60.0
+"""Seconds one request may take with its retries and waits (``judge.deadline_s``)."""
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait: delay-seconds or an HTTP date (RFC 9110).
+
+    None when the header is absent or unreadable (then the backoff applies); a date in the
+    past is 0.
+    """
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+@dataclass
+class _Batch:
+    """State shared by the requests of one ``critique``/``complete`` call."""
+
+    hung: str | None = None
+    """Why a request gave up on an unresponsive server; the others then stop retrying."""
 
 
 def read_api_key(env_name: str | None, key: str = "judge.api_key_env") -> str | None:
@@ -70,7 +115,8 @@ class HTTPJudge:
         max_concurrency: requests in flight at once.
         timeout_s: per-request timeout (connect, read and write).
         max_retries: retries after the first attempt.
-        backoff_s: first retry delay; it doubles with each retry.
+        backoff_s: first retry delay (jittered); it doubles with each retry.
+        deadline_s: seconds one request may take, retries and waits included (None: no limit).
         max_critique_tokens: generation budget for critique plus verdict.
         top_logprobs: alternatives requested per generated token (0: no log-probs).
         system: system message for the chat endpoint.
@@ -87,6 +133,7 @@ class HTTPJudge:
         timeout_s: float = 30.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        deadline_s: float | None = DEFAULT_DEADLINE_S,
         max_critique_tokens: int = 64,
         top_logprobs: int = 5,
         system: str = "",
@@ -104,6 +151,8 @@ class HTTPJudge:
             raise ConfigError(
                 "judge: max_concurrency >= 1, max_retries >= 0, timeout_s > 0 and backoff_s >= 0"
             )
+        if deadline_s is not None and not deadline_s > 0:
+            raise ConfigError(f"judge.deadline_s={deadline_s}: must be > 0 (or null: no limit)")
         self.name = (
             f"http:{url.rstrip('/')}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
         )
@@ -112,6 +161,10 @@ class HTTPJudge:
         self.model = model
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
+        self.timeout_s = float(timeout_s)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
+        # A private stream: jitter must not consume (and so shift) the run's seeded RNGs.
+        self._jitter = random.Random()
         self.max_critique_tokens = int(max_critique_tokens)
         self.top_logprobs = int(top_logprobs)
         self.system = system
@@ -136,23 +189,47 @@ class HTTPJudge:
 
     # -- one request with retries
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _backoff(self, attempt: int) -> float:
+        """Jittered exponential delay after failed attempt ``attempt`` (0-based)."""
+        return self.backoff_s * 2**attempt * (0.5 + self._jitter.random())
+
+    def _give_up(self, what: str, last: str, batch: _Batch, hung: bool) -> JudgeError:
+        message = f"{self.name}: {what}: {last}"
+        if hung and batch.hung is None:
+            batch.hung = message
+        return JudgeError(message)
+
+    def _post(self, payload: dict[str, Any], batch: _Batch) -> dict[str, Any]:
         path = "/chat/completions" if self.endpoint == "chat" else "/completions"
-        last = ""
+        deadline = time.monotonic() + (self.deadline_s if self.deadline_s else math.inf)
+        last, wait, hung = "", 0.0, False
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                if time.monotonic() + wait >= deadline:
+                    # Waiting only to fail at the deadline would hold the step for nothing.
+                    what = f"gave up after {attempt} attempts ({self.deadline_s:g}s deadline)"
+                    raise self._give_up(what, last, batch, hung)
+                time.sleep(wait)
+            if batch.hung is not None:
+                # Another request of this batch found the server hung: don't wait it out again.
+                raise JudgeError(f"not sent, the server did not answer: {batch.hung}")
             self.requests += 1
+            timeout = min(self.timeout_s, deadline - time.monotonic())
+            wait, hung = self._backoff(attempt), True
             try:
-                resp = self._client.post(self.url + path, json=payload)
+                resp = self._client.post(self.url + path, json=payload, timeout=timeout)
             except httpx.TimeoutException:
-                last = f"timed out after {self._client.timeout.read}s"
+                last = f"timed out after {timeout:.3g}s"
                 continue
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 continue
+            hung = False
             if resp.status_code in _RETRY_STATUS:
                 last = f"HTTP {resp.status_code}: {resp.text[:200]!r}"
+                after = retry_after_s(resp.headers.get("Retry-After"))
+                if after is not None and resp.status_code in _RETRY_AFTER_STATUS:
+                    wait, last = after, f"{last} (Retry-After: {after:.3g}s)"
                 continue
             if resp.status_code >= 400:
                 raise JudgeError(f"{self.name}: HTTP {resp.status_code}: {resp.text[:300]!r}")
@@ -163,10 +240,15 @@ class HTTPJudge:
             except (ValueError, JudgeError) as exc:
                 last = f"unexpected answer ({exc}): {resp.text[:200]!r}"
                 continue
-        raise JudgeError(f"{self.name}: failed after {self.max_retries + 1} attempts: {last}")
+        raise self._give_up(f"failed after {self.max_retries + 1} attempts", last, batch, hung)
 
     def _request(
-        self, context: str, max_tokens: int, logprobs: bool, stop: list[str] | None
+        self,
+        context: str,
+        max_tokens: int,
+        logprobs: bool,
+        stop: list[str] | None,
+        batch: _Batch,
     ) -> tuple[str, list[str], list[dict[str, float]] | None]:
         """(generated text, tokens, per-token top log-probs or None)."""
         k = self.top_logprobs if logprobs else 0
@@ -182,25 +264,27 @@ class HTTPJudge:
             payload["messages"] = [*messages, {"role": "user", "content": context}]
             if k:
                 payload["logprobs"], payload["top_logprobs"] = True, k
-            return _parse_chat(self._post(payload))
+            return _parse_chat(self._post(payload, batch))
         payload["prompt"] = context
         if k:
             payload["logprobs"] = k
-        return _parse_completion(self._post(payload))
+        return _parse_completion(self._post(payload, batch))
 
     # -- the backend protocol
 
     def _critique_one(
-        self, context: str, verdict_prefix: str, options: Sequence[str]
+        self, context: str, verdict_prefix: str, options: Sequence[str], batch: _Batch
     ) -> RawVerdict:
         use_lp = self.top_logprobs > 0
-        text, tokens, tops = self._request(context, self.max_critique_tokens, use_lp, None)
+        text, tokens, tops = self._request(context, self.max_critique_tokens, use_lp, None, batch)
         critique = cut_critique(text, verdict_prefix)
         lps = _verdict_logprobs(tokens, tops, verdict_prefix, options) if tops else None
         marker = verdict_prefix.strip()
         if lps is None and use_lp and self.endpoint == "completions" and marker not in text:
             # The judge did not reach its verdict: ask for it after the critique.
-            more, _, tops2 = self._request(context + critique + verdict_prefix, 3, True, None)
+            more, _, tops2 = self._request(
+                context + critique + verdict_prefix, 3, True, None, batch
+            )
             text = critique + verdict_prefix + more
             if tops2:
                 lps = match_option_logprobs(tops2[0], options)
@@ -215,15 +299,20 @@ class HTTPJudge:
     def critique(
         self, contexts: Sequence[str], verdict_prefix: str, options: Sequence[str]
     ) -> list[RawVerdict | JudgeError]:
+        batch = _Batch()
         return list(
             self._pool.map(
-                lambda c: self._guard(self._critique_one, c, verdict_prefix, options), contexts
+                lambda c: self._guard(self._critique_one, c, verdict_prefix, options, batch),
+                contexts,
             )
         )
 
     def complete(self, contexts: Sequence[str], max_tokens: int) -> list[str | JudgeError]:
+        batch = _Batch()
+
         def one(context: str) -> str:
-            return self._request(context, max_tokens, False, ["\n"])[0].split("\n", 1)[0]
+            text = self._request(context, max_tokens, False, ["\n"], batch)[0]
+            return text.split("\n", 1)[0]
 
         return list(self._pool.map(lambda c: self._guard(one, c), contexts))
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.data.jsonl import decode_lines
 from alignkit.errors import ConfigError
 
 __all__ = ["JudgeTemplate", "Principle", "load_template"]
@@ -146,7 +147,9 @@ def _read(name_or_path: str) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"judge template file not found: {path}")
-        return path.read_text(encoding="utf-8"), str(path)
+        # Line by line so that bad UTF-8 is an error naming the file and line, not a traceback.
+        lines = decode_lines(path, lambda n: f"{path}:{n}")
+        return "".join(line for _, line in lines), str(path)
     bundled = resources.files("alignkit.conf").joinpath("prompts", f"{name_or_path}.yaml")
     if not bundled.is_file():
         known = sorted(
