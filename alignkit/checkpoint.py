@@ -9,7 +9,8 @@ Layout of ``<run_dir>/checkpoints``::
       scheduler.pt          learning-rate schedule state
       rng.pt                RNG states: torch CPU (and CUDA), Python, the sampling generator
       rng_rank<r>.pt        the same per rank (backend=fsdp)
-      state.json            step, data position and JSON-able plugin state (e.g. KL controller)
+      state.json            step, data position, JSON-able plugin state (e.g. KL controller),
+                            the run's config fingerprint and the last step's metrics
       plugin_tensors.pt     tensor-valued plugin state
       model_config/         the policy's HF config and tokenizer (no weights), for `alignkit
                             export`; with LoRA also lora/adapter_config.json. Checkpoints
@@ -22,6 +23,15 @@ and renamed into place by the main process once every rank has finished writing;
 is updated only after that rename. A crash at any moment therefore leaves the previous
 complete checkpoint (and ``latest`` naming it) untouched; leftover temporary directories are
 removed at the next save.
+
+A checkpoint is written only from finite parameters (``alignkit.guards``): a NaN policy is
+never saved, and so never makes the pruning delete a good checkpoint. A failed write (disk
+full, read-only folder) raises :class:`CheckpointWriteError` naming the checkpoint and the
+cause, and leaves the previous checkpoint in place.
+
+``state.json`` also holds the run's *fingerprint* (:func:`run_fingerprint`): the config
+values that define the trajectory. A resume compares it with the new config
+(:func:`fingerprint_changes`) and refuses to mix two different runs.
 """
 
 from __future__ import annotations
@@ -34,7 +44,8 @@ from typing import Any
 import torch
 
 from alignkit.context import RunContext
-from alignkit.io import atomic_directory, atomic_write_text
+from alignkit.guards import check_finite_parameters
+from alignkit.io import WriteError, atomic_directory, atomic_write_text, write_error
 
 LATEST = "latest"
 MODEL_CONFIG_DIR = "model_config"
@@ -46,6 +57,90 @@ HF_DIR = LEGACY_HF_DIR
 """Old name of :data:`LEGACY_HF_DIR`, kept for code that reads old checkpoints by it."""
 LORA_DIR = "lora"
 """Subfolder of :data:`MODEL_CONFIG_DIR` with a LoRA policy's ``adapter_config.json``."""
+
+FINGERPRINT_KEYS = (
+    "policy",
+    "model",
+    "algorithm",
+    "reward",
+    "task",
+    "seed",
+    "rl.prompts_per_step",
+    "rl.samples_per_prompt",
+    "rl.max_new_tokens",
+    "rl.temperature",
+    "rl.top_k",
+    "rl.top_p",
+    "rl.kl_coef",
+    "rl.kl_estimator",
+    "rl.optim",
+)
+"""Config keys that define an RL run's trajectory, compared on resume. Left out on purpose:
+``rl.steps`` (extending a run is what resume is for), checkpoint/logging cadence, the backend
+(a resume on another number of ranks is supported) and the logger. ``policy`` is the folder
+the policy started from (``model.path``, or the pipeline's SFT folder)."""
+
+
+class CheckpointWriteError(WriteError):
+    """Writing a checkpoint failed; the previous complete checkpoint is kept."""
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            _flatten(sub, f"{prefix}.{key}", out)
+    else:
+        out[prefix] = value
+
+
+def _portable(value: Any, run_dir: str) -> Any:
+    # Paths inside the run directory are stored relative to it: a moved run still matches.
+    if isinstance(value, str) and run_dir and value.startswith(run_dir):
+        return "<run_dir>" + value[len(run_dir) :]
+    if isinstance(value, list | tuple):
+        return [_portable(v, run_dir) for v in value]
+    return value
+
+
+def run_fingerprint(cfg: Any, policy_path: str | Path | None, run_dir: Path) -> dict[str, Any]:
+    """The values of :data:`FINGERPRINT_KEYS` as ``{dotted.key: JSON value}``."""
+    from omegaconf import OmegaConf
+
+    root = str(Path(run_dir).resolve())
+    flat: dict[str, Any] = {}
+    for key in FINGERPRINT_KEYS:
+        if key == "policy":
+            value: Any = str(Path(policy_path).resolve()) if policy_path else None
+        else:
+            value = OmegaConf.select(cfg, key, default=None)
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True)
+        _flatten(value, key, flat)
+    return {k: _portable(v, root) for k, v in flat.items()}
+
+
+def fingerprint_changes(
+    saved: dict[str, Any], current: dict[str, Any], allowed: list[str]
+) -> tuple[list[str], list[str]]:
+    """(refused, allowed) descriptions ``key: old -> new`` of the keys that differ.
+
+    ``allowed`` holds keys or key prefixes (``reward`` covers ``reward.gold.weight``); ``*``
+    allows every change.
+    """
+    refused, accepted = [], []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        ok = any(a == "*" or key == a or key.startswith(f"{a}.") for a in allowed)
+        (accepted if ok else refused).append(line)
+    return refused, accepted
+
+
+def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` (step, data position, fingerprint, last metrics)."""
+    return json.loads((Path(directory) / "state.json").read_text())
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -113,12 +208,15 @@ def model_config_dir(checkpoint: Path) -> Path | None:
 def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:
     """Write ``step_<step>`` atomically, point ``latest`` at it, prune old ones.
 
-    Collective under a sharded backend: every rank must call it.
+    Collective under a sharded backend: every rank must call it. Raises
+    :class:`~alignkit.guards.NonFiniteError` (nothing written, nothing pruned) when a
+    parameter is NaN/Inf, and :class:`CheckpointWriteError` when the write fails.
     """
     assert ctx.policy is not None
     backend = ctx.backend
     root = ctx.run_dir / "checkpoints"
     final = root / f"step_{step:06d}"
+    check_finite_parameters(ctx.policy, f"checkpoint {final}", step, backend)
 
     def write_rank_files(tmp: Path) -> None:
         # Under FSDP every rank writes its shards; on one device only the main process runs.
@@ -128,13 +226,18 @@ def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:
         ctx.plugins.call("save_checkpoint", ctx=ctx, directory=tmp)
 
     if ctx.is_main_process:
-        with atomic_directory(final) as tmp:
-            if backend.sharded:
-                backend.broadcast_object(str(tmp))
-            write_rank_files(tmp)
-            backend.barrier()  # every rank's files are complete before the rename
-            _write_shared(ctx, tmp, step, extra)
-        atomic_write_text(root / LATEST, final.name + "\n")
+        try:
+            with atomic_directory(final) as tmp:
+                if backend.sharded:
+                    backend.broadcast_object(str(tmp))
+                write_rank_files(tmp)
+                backend.barrier()  # every rank's files are complete before the rename
+                _write_shared(ctx, tmp, step, extra)
+            atomic_write_text(root / LATEST, final.name + "\n")
+        except (OSError, RuntimeError, WriteError) as exc:
+            # torch.save reports a full disk as a RuntimeError ("basic_ios::clear: iostream
+            # error", "file write failed"): one line naming the checkpoint and the cause.
+            raise _checkpoint_error(final, root, exc) from exc
         _prune(root, keep=int(ctx.cfg.rl.keep_checkpoints), newest=final.name)
     elif backend.sharded:
         tmp = Path(backend.broadcast_object(""))
@@ -142,6 +245,13 @@ def save_checkpoint(ctx: RunContext, step: int, extra: dict[str, Any]) -> Path:
         backend.barrier()
     backend.barrier()  # no rank runs ahead of a checkpoint that is not yet in place
     return final
+
+
+def _checkpoint_error(final: Path, root: Path, exc: BaseException) -> CheckpointWriteError:
+    cause = exc.__cause__ if isinstance(exc, WriteError) and exc.__cause__ else exc
+    kept = latest_checkpoint(root.parent)
+    note = f"; the previous checkpoint {kept.name} is kept" if kept is not None else ""
+    return CheckpointWriteError(f"{write_error(final, cause, 'checkpoint')}{note}")
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:

@@ -6,6 +6,7 @@
 * ``alignkit compare SWEEP_DIR`` plots and tabulates a sweep's runs (mean and 95% CI).
 * ``alignkit export SRC OUT`` turns an RL checkpoint (any backend's), a reward model or a critic
   into a plain HF folder that the matching ``transformers`` Auto class loads.
+* ``alignkit --help`` / ``--version`` are alignkit's own; ``--hydra-help`` is Hydra's.
 
 Under ``torchrun`` (``backend=fsdp``) every rank runs the same command; rank 0 alone prints,
 writes metrics and summaries and owns the W&B run.
@@ -14,6 +15,7 @@ writes metrics and summaries and owns the W&B run.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,6 +25,9 @@ from typing import Any
 from alignkit.errors import AlignkitError, ConfigError, HookError
 
 CONFIG_PATH = "pkg://alignkit.conf"
+DOCS_URL = "docs/ in the alignkit repository (README.md, docs/tutorial.md, docs/sweeps.md)"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""What an ``api_key_env`` value must look like: an environment variable's name."""
 
 
 def registration() -> tuple[Any, Any]:
@@ -113,9 +118,13 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
     from alignkit.backends import build_backend
     from alignkit.context import RunContext
     from alignkit.plugins import PluginManager
+    from alignkit.run_lock import run_guard
     from alignkit.stages.common import build_task
     from alignkit.tracking import Tracker, console, print_summary
+    from alignkit.validate import check_config_ranges
 
+    # Out-of-range values fail here, naming the key, before any model loads.
+    check_config_ranges(cfg)
     # A fresh manager per job: in a multirun each job activates its own plugins, and class
     # plugins get fresh state.
     manager = PluginManager(installed=manager.installed)
@@ -153,9 +162,11 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
         )
         exit_code = 1
         try:
-            ctx.generator = backend.seed(int(cfg.seed))
-            ctx.task = build_task(ctx)
-            summary = registry.build("stage", str(cfg.stage), ctx=ctx)
+            # The run directory is locked (and stale temporaries cleared) for the stage.
+            with run_guard(ctx):
+                ctx.generator = backend.seed(int(cfg.seed))
+                ctx.task = build_task(ctx)
+                summary = registry.build("stage", str(cfg.stage), ctx=ctx)
             summary = {"stage": str(cfg.stage), **summary}
             tracker.write_summary(summary)
             print_summary(f"alignkit {cfg.stage}: {run_dir}", summary)
@@ -176,6 +187,7 @@ def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], A
     def app(cfg: DictConfig) -> float | None:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(HydraConfig.get().runtime.output_dir)
         try:
+            refuse_undeclared_keys(cfg)
             summary = run_stage(cfg, run_dir, manager, registry)
         except AlignkitError as exc:
             report_error(exc)
@@ -187,6 +199,102 @@ def _hydra_main(manager: Any, registry: Any, config_name: str) -> Callable[[], A
         return float(value) if isinstance(value, int | float) else None
 
     return app
+
+
+def refuse_undeclared_keys(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming every key no schema declares (see ``extra``)."""
+    from alignkit.config import FREE_FORM, undeclared_keys
+
+    unknown = undeclared_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)}: no schema (core or active plugin) declares "
+            f"{'this key' if len(unknown) == 1 else 'these keys'}, so nothing would read it; "
+            f"check the spelling, or put free-form keys under {FREE_FORM}.<key>"
+        )
+
+
+def check_secret_overrides(args: Sequence[str]) -> None:
+    """Refuse an API key pasted as the value of ``...api_key_env=``, before Hydra runs.
+
+    Hydra writes every override into ``.hydra/overrides.yaml``, ``config.yaml`` and
+    ``hydra.yaml`` before the app runs, so a later check would leave the key on disk.
+    The message does not repeat the value.
+    """
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+~").rsplit(".", 1)[-1]
+        value = value.strip().strip("'\"")
+        if not sep or name != "api_key_env" or value in ("", "null"):
+            continue
+        if not _ENV_NAME.match(value):
+            raise ConfigError(
+                f"{key.lstrip('+~')} must be the NAME of an environment variable holding the "
+                "API key (e.g. OPENAI_API_KEY), not the key itself; nothing was written"
+            )
+
+
+def version() -> str:
+    """alignkit's version: the installed distribution's, else the package's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("alignkit")
+    except metadata.PackageNotFoundError:
+        from alignkit import __version__
+
+        return __version__
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Config group -> options: the YAML files shipped in ``alignkit.conf`` plus the schemas
+    plugins stored (``algorithm``, ``reward``); call after :func:`registration`."""
+    from importlib import resources
+
+    from hydra.core.config_store import ConfigStore
+
+    groups: dict[str, set[str]] = {}
+    for entry in resources.files("alignkit.conf").iterdir():
+        if entry.is_dir() and not entry.name.startswith(("_", ".")):
+            names = {f.name[:-5] for f in entry.iterdir() if f.name.endswith(".yaml")}
+            groups.setdefault(entry.name, set()).update(names)
+    for group, node in ConfigStore.instance().repo.items():
+        if isinstance(node, dict) and group != "hydra" and not group.startswith("_"):
+            groups.setdefault(group, set()).update(n.removesuffix(".yaml") for n in node)
+    return {g: sorted(groups[g]) for g in sorted(groups) if groups[g]}
+
+
+def help_text(registry: Any) -> str:
+    """``alignkit --help``: usage, stages, sub-commands, groups, common overrides, docs."""
+    groups = "\n".join(f"  {g}: {', '.join(opts)}" for g, opts in config_groups().items())
+    stages = ", ".join(registry.names("stage"))
+    return f"""\
+usage: alignkit [KEY=VALUE ...]        run a stage (default: the whole pipeline)
+       alignkit -m KEY=A,B ...         sweep: one job per combination (Hydra multirun)
+       alignkit plugins                list installed plugins and their hooks
+       alignkit compare SWEEP_DIR ...  compare runs: table and plots with 95% CIs
+       alignkit export SRC OUT         checkpoint / reward model -> plain HF folder
+
+stages (stage=...): {stages}
+  pipeline = sft -> feedback -> reward_model -> rl -> eval
+
+config groups (GROUP=OPTION):
+{groups}
+
+common overrides:
+  experiment=smoke            tiny budget, runs in about a minute on a CPU
+  run_dir=DIR                 where outputs go (default outputs/<date>/<time>)
+  model.path=DIR  seed=N  rl.steps=N  rl.resume=true  logger=none  backend=fsdp
+  extra.KEY=VALUE             free-form keys; other keys no schema declares are refused
+
+options:
+  -h, --help      this text
+  --version       alignkit's version
+  --cfg job       print the composed config instead of running
+  --hydra-help    Hydra's own help (its flags: --info, --cfg, -p, --resolve, ...)
+
+docs: {DOCS_URL}
+"""
 
 
 def report_error(exc: AlignkitError) -> None:
@@ -240,11 +348,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alignkit.export import main as export_main
 
         return export_main(args[1:])
+    if "--version" in args or "-V" in args:
+        print(f"alignkit {version()}")
+        return 0
     try:
+        check_secret_overrides(args)
         manager, registry = registration()
     except AlignkitError as exc:
         report_error(exc)
         return 2
+    if "--help" in args or "-h" in args:
+        print(help_text(registry), end="")
+        return 0
     _quiet_libraries()
     sys.argv = [sys.argv[0] if sys.argv else "alignkit", *args]
     try:

@@ -8,11 +8,13 @@ Plugins add their own nodes (``algorithm/<name>``, ``reward/<name>``) through th
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig
 
 from alignkit.preference_config import FeedbackConfig, RewardModelConfig
 
@@ -180,6 +182,11 @@ class RLConfig:
     optimizer, scheduler, RNG, data position, plugin state such as the KL controller) and the
     same W&B run; with no checkpoint yet the run starts from step 0, so a job script can always
     pass ``rl.resume=true`` (resume if possible, else start)."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys (or key prefixes) a resume may change from the checkpoint's run; ``*``
+    allows any. A resume that changes another run-defining key is refused, naming it."""
+    max_consecutive_skips: int = 3
+    """Updates with non-finite gradients are skipped; this many in a row stop the run."""
     log_every: int = 1
     samples_every: int = 20
     """Log a table of sample generations every N steps (0: never)."""
@@ -234,6 +241,8 @@ class EvalJudgeConfig:
     timeout_s: float = 30.0
     max_retries: int = 3
     backoff_s: float = 0.5
+    deadline_s: float | None = 60.0
+    """Total seconds one request may take, retries included (null: no deadline)."""
     """First retry delay; doubles with each retry."""
     top_logprobs: int = 5
     """Alternatives per token requested for the verdict (0: parse the verdict from text)."""
@@ -340,6 +349,43 @@ class AlignkitConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form keys that no schema declares (``extra.note=...``), e.g. for a plugin that
+    reads its own settings; anywhere else an undeclared key is refused."""
+
+
+FREE_FORM = "extra"
+"""The one top-level node whose keys no schema declares."""
+
+
+def undeclared_keys(cfg: DictConfig) -> list[str]:
+    """Dotted paths of keys that no schema (core or plugin dataclass) declares.
+
+    Hydra's ``+key=value`` adds a key even to a structured config, so ``+totally_bogus_key=1``
+    or ``+rl.lrr=1`` would pass composition and be ignored by everything. A key is declared
+    when its node's dataclass has that field; nodes that are plain dicts in their schema
+    (``reward``, ``task.columns``, ``extra``) take any key.
+    """
+    return list(_undeclared(cfg, ""))
+
+
+def _undeclared(node: Any, path: str) -> Iterator[str]:
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _undeclared(node._get_node(i), f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return
+    schema = node._metadata.object_type
+    fields = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node:
+        where = f"{path}.{key}" if path else str(key)
+        if fields is not None and key not in fields:
+            yield where
+        elif where != FREE_FORM:
+            yield from _undeclared(node._get_node(key), where)
 
 
 def store_algorithm(cs: ConfigStore, name: str, node: Any) -> None:

@@ -12,6 +12,13 @@ into the global batch, so the reward, advantage and update hooks see exactly the
 single process would see: batch-level statistics (advantage whitening, group baselines, the
 KL controller) need no collectives in plugins, and since every rank contributes the same
 gradient, FSDP's gradient averaging gives the single-process gradient.
+
+Integrity (see ``alignkit.guards``): a non-finite reward component stops the run with an
+error naming the component and the step, before the update; an optimizer step with
+non-finite gradients is skipped (metric ``guard/skipped_updates``) and the run stops after
+``rl.max_consecutive_skips`` RL steps in a row with skipped updates; a checkpoint is written
+only from finite parameters. A resume refuses a config whose fingerprint differs from the
+checkpoint's (``rl.resume_allow_changes`` lists keys allowed to change).
 """
 
 from __future__ import annotations
@@ -23,13 +30,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from alignkit.batch import Rollout
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.checkpoint import (
+    fingerprint_changes,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError, PluginError
+from alignkit.guards import (
+    NonFiniteError,
+    check_reward_components,
+    guard_optimizer,
+    skipped_steps,
+)
+from alignkit.progress import progress_bar
 from alignkit.tracking import console
+
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 3
+"""``rl.max_consecutive_skips`` when the config has no such key: a transient overflow is
+survived, a policy that produces NaN every step is not trained on for long."""
 
 
 class PromptSampler:
@@ -212,7 +235,12 @@ def batch_metrics(batch: Rollout) -> dict[str, float]:
 class Engine:
     """Runs the RL loop over a fully built :class:`RunContext`."""
 
-    def __init__(self, ctx: RunContext, prompts: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        ctx: RunContext,
+        prompts: Sequence[Any],
+        fingerprint: dict[str, Any] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg.rl
         world = ctx.backend.world_size
@@ -225,6 +253,14 @@ class Engine:
         self.sampler = PromptSampler(prompts, seed=int(ctx.cfg.seed))
         self.start_step = 0
         self.history: list[dict[str, float]] = []
+        self.fingerprint = fingerprint
+        """The run-defining config values (``checkpoint.run_fingerprint``), saved with every
+        checkpoint and compared on resume; None skips the comparison."""
+        self.resumed_metrics: dict[str, float] = {}
+        """The last step's metrics as the resumed checkpoint recorded them."""
+        self.consecutive_skips = 0
+        if ctx.optimizer is not None:
+            guard_optimizer(ctx.optimizer)
 
     def maybe_resume(self) -> None:
         """With ``rl.resume=true``, continue from the latest complete checkpoint (if any).
@@ -238,13 +274,35 @@ class Engine:
         if path is None:
             console.print("[yellow]rl.resume: no checkpoint yet, starting from step 0[/]")
             return
+        self.check_fingerprint(path, read_checkpoint_meta(path))
         meta = load_checkpoint(self.ctx, path)
         self.sampler.restore(meta["sampler"])
         self.start_step = int(meta["step"])
+        self.resumed_metrics = dict(meta.get("metrics") or {})
         # Steps logged after the checkpoint (a crash) are run again: drop their old records.
         dropped = self.ctx.tracker.rewind("rl", self.start_step)
         note = f" (re-running {dropped} logged step(s) after it)" if dropped else ""
         console.print(f"resumed from {path} at step {self.start_step}{note}")
+
+    def check_fingerprint(self, path: Any, meta: dict[str, Any]) -> None:
+        """Refuse to resume ``path`` under a config that defines a different run."""
+        saved = meta.get("fingerprint")
+        if self.fingerprint is None:
+            return
+        if saved is None:
+            console.print(f"[yellow]{path.name} has no config fingerprint (an older version)[/]")
+            return
+        allowed = [str(k) for k in (self.cfg.get("resume_allow_changes", None) or [])]
+        refused, accepted = fingerprint_changes(saved, self.fingerprint, allowed)
+        if accepted:
+            console.print("[yellow]rl.resume: allowed config changes: " + "; ".join(accepted))
+        if refused:
+            keys = ",".join(line.split(":")[0] for line in refused)
+            raise ConfigError(
+                f"rl.resume: the config differs from checkpoint {path} in keys that define "
+                f"the run: {'; '.join(refused)}. Resuming would mix two runs: use another "
+                f"run_dir, or allow the change with rl.resume_allow_changes=[{keys}]"
+            )
 
     def log_samples(self, step: int, batch: Rollout) -> None:
         """A table of this step's generations with every reward component (and gold)."""
@@ -279,6 +337,8 @@ class Engine:
         t = time.perf_counter()
         results = [r for r in pm.call("reward", ctx=ctx, batch=batch) if r]
         rewards, components = combine_rewards(ctx, results, batch.num_rows)
+        # Checked per component, before anything trains on it: the error names the culprit.
+        check_reward_components(components, step)
         # Reward plugins may score on the CPU; the batch lives on the backend's device.
         device = batch.response_ids.device
         batch.rewards = rewards.to(device)
@@ -295,8 +355,10 @@ class Engine:
         timings["time/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        skipped_before = skipped_steps()
         update_metrics = pm.call("update", ctx=ctx, batch=batch) or {}
         timings["time/update"] = time.perf_counter() - t
+        update_metrics.update(self.note_skips(step, skipped_steps() - skipped_before))
 
         metrics = {**batch_metrics(batch), **update_metrics, **timings, **parts}
         metrics["time/step"] = sum(timings.values())
@@ -306,12 +368,47 @@ class Engine:
             self.log_samples(step, batch)
         return metrics
 
+    def note_skips(self, step: int, skipped: int) -> dict[str, float]:
+        """Count skipped optimizer steps; stop after too many RL steps in a row had some."""
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        limit = int(self.cfg.get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS))
+        if skipped:
+            console.print(
+                f"[yellow]step {step}: {skipped} optimizer step(s) skipped: non-finite loss or "
+                f"gradients ({self.consecutive_skips} RL step(s) in a row, limit {limit})[/]"
+            )
+        if skipped and self.consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"non-finite loss or gradients in {self.consecutive_skips} consecutive RL steps "
+                f"(up to step {step}; rl.max_consecutive_skips={limit}): stopped; the policy "
+                "was not updated by them and the checkpoints on disk are unchanged"
+            )
+        return {
+            "guard/skipped_updates": float(skipped),
+            "guard/consecutive_skipped_steps": float(self.consecutive_skips),
+        }
+
+    def checkpoint_extra(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What ``state.json`` records besides the step: data position, fingerprint, metrics."""
+        plain = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        return {"sampler": self.sampler.state(), "fingerprint": self.fingerprint, "metrics": plain}
+
     def run(self) -> dict[str, float]:
-        """All steps from the start (or the resumed step); returns the last step's metrics."""
+        """All steps from the start (or the resumed step); returns the last step's metrics.
+
+        When a resumed checkpoint is already at (or past) ``rl.steps`` nothing runs: that is
+        said, and the checkpoint's own last metrics are returned.
+        """
         ctx, pm = self.ctx, self.ctx.plugins
         self.maybe_resume()
         pm.call("run_start", ctx=ctx)
         total, every = int(self.cfg.steps), int(self.cfg.checkpoint_every)
+        if self.start_step >= total:
+            console.print(
+                f"rl: nothing to do: the checkpoint is at step {self.start_step} and "
+                f"rl.steps={total}; keeping the policy and the summary"
+            )
+            return dict(self.resumed_metrics)
         metrics: dict[str, float] = {}
         with _progress() as progress:
             task = progress.add_task("rl", total=total, completed=self.start_step, info="")
@@ -323,20 +420,12 @@ class Engine:
                     ctx.tracker.log(metrics, step=step, stage="rl")
                 done = step + 1
                 if (every > 0 and done % every == 0) or done == total:
-                    save_checkpoint(ctx, done, {"sampler": self.sampler.state()})
+                    save_checkpoint(ctx, done, self.checkpoint_extra(metrics))
                 info = f"reward {metrics.get('reward/total', float('nan')):.3f}"
                 progress.update(task, advance=1, info=info)
         return metrics
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    )
+def _progress() -> Any:
+    """A rich bar on a terminal; plain periodic log lines elsewhere (:mod:`alignkit.progress`)."""
+    return progress_bar()

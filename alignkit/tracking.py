@@ -10,6 +10,7 @@ config is logged with secrets redacted.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -17,32 +18,73 @@ import struct
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from alignkit.errors import DataError
 from alignkit.io import atomic_write_text
 
-console = Console(stderr=True)
+log = logging.getLogger("alignkit")
+
+
+def make_console(file: IO[str] | None = None) -> Console:
+    """The console for messages, on stderr (or ``file``).
+
+    When it is not a terminal (SLURM, nohup, a pipe) rich would wrap at 80 columns, which
+    splits paths in two; there it keeps every message on one line instead.
+    """
+    out = Console(stderr=file is None, file=file)
+    if not out.is_terminal:
+        out.soft_wrap = True
+    return out
+
+
+console = make_console()
 
 RUN_ID_FILE = "wandb_run_id"
+WANDB_STEP_FILE = "wandb_step"
+"""The next W&B ``_step`` of the run: an offline run resumed in a new folder continues it."""
 STAGES = ("sft", "feedback", "reward_model", "rl", "eval")
 """Stages whose metrics W&B plots against their own ``<stage>/step`` axis."""
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization)", re.I)
+SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "token",
+        "access_token",
+        "auth_token",
+        "refresh_token",
+        "bearer",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "secret_key",
+        "private_key",
+        "authorization",
+        "credentials",
+    }
+)
+"""Key names whose values are secrets. A key is secret when its last part (after ``.``) is one
+of these, or ends with ``_<one of these>`` (``hf_token``, ``openai_api_key``); matching whole
+names, not substrings, keeps ``max_new_tokens`` or ``api_key_env`` (a variable's name) visible."""
 REDACTED = "***"
 
 
+def is_secret_key(key: object) -> bool:
+    """Whether a config key (or dotted override path) names a secret."""
+    name = str(key).lstrip("+~").rsplit(".", 1)[-1].lower().replace("-", "_")
+    return any(name == s or name.endswith(f"_{s}") for s in SECRET_KEYS)
+
+
 def redact_secrets(value: Any) -> Any:
-    """A copy of a nested config where values of secret-looking keys are replaced."""
+    """A copy of a nested config where values of secret keys are replaced."""
     if isinstance(value, Mapping):
         return {
-            k: (
-                REDACTED
-                if _SECRET_KEY.search(str(k)) and v not in (None, "")
-                else redact_secrets(v)
-            )
+            k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact_secrets(v))
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -51,11 +93,11 @@ def redact_secrets(value: Any) -> Any:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line overrides with the values of secret-looking keys replaced."""
+    """Command-line overrides with the values of secret keys replaced."""
     out = []
     for arg in argv:
         key, sep, _ = arg.partition("=")
-        out.append(f"{key}={REDACTED}" if sep and _SECRET_KEY.search(key) else arg)
+        out.append(f"{key}={REDACTED}" if sep and is_secret_key(key) else arg)
     return out
 
 
@@ -97,8 +139,13 @@ class Tracker:
         self.enabled = enabled
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._wandb_run: Any = None
+        self._wandb_step = 0
+        self._pending: tuple[str, int] | None = None
+        """(stage, step) of a W&B table row waiting for that step's metrics (one row)."""
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # A torn last line (disk full, kill mid-append) would glue onto the next append.
+            repair_torn_tail(self.metrics_path)
             wcfg = dict(wandb_cfg or {})
             mode = wandb_mode(str(wcfg.get("mode", "disabled")))
             wcfg["dir"] = str(self.run_dir)
@@ -114,8 +161,10 @@ class Tracker:
             self._wandb_run = self._init_wandb(wandb, mode, wcfg, config)
         finally:
             sys.argv = argv
-        # A resumed run (same run directory) continues the same W&B run.
+        # A resumed run (same run directory) continues the same W&B run, at the step where it
+        # stopped: an offline run resumed in a new offline folder would restart ``_step`` at 0.
         atomic_write_text(self.run_dir / RUN_ID_FILE, self._wandb_run.id + "\n")
+        self._wandb_step = max(_read_int(self.run_dir / WANDB_STEP_FILE), int(self._wandb_run.step))
         for stage in STAGES:
             self._wandb_run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
@@ -152,7 +201,36 @@ class Tracker:
         if self._wandb_run is not None:
             payload = {f"{stage}/{k}": _jsonable(v) for k, v in metrics.items()}
             payload[f"{stage}/step"] = step
-            self._wandb_run.log(payload)
+            self._log_wandb(payload, joins=(stage, step))
+
+    def _log_wandb(
+        self, payload: Mapping[str, Any], *, joins: tuple[str, int] | None, commit: bool = True
+    ) -> None:
+        """Log to the W&B history row at an explicit ``_step``, remembered in the run directory.
+
+        ``commit=False`` leaves the row open for more of the same ``joins`` (stage, step): a
+        step's sample table and its metrics share one row. Anything else closes it first.
+        """
+        if self._pending is not None and self._pending != joins:
+            self._commit_pending()
+        self._wandb_run.log(dict(payload), step=self._wandb_step, commit=commit)
+        self._pending = None if commit else joins
+        if commit:
+            self._next_wandb_step()
+
+    def _commit_pending(self) -> None:
+        self._wandb_run.log({}, step=self._wandb_step, commit=True)
+        self._pending = None
+        self._next_wandb_step()
+
+    def _next_wandb_step(self) -> None:
+        self._wandb_step += 1
+        # Renamed into place but not fsynced: this runs every logged step, and a step file
+        # lost to a power cut only costs the W&B step axis of a resumed offline run.
+        path = self.run_dir / WANDB_STEP_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(f"{self._wandb_step}\n")
+        os.replace(tmp, path)
 
     def rewind(self, stage: str, step: int) -> int:
         """Drop ``metrics.jsonl`` records of ``stage`` at ``step`` or later; return how many.
@@ -169,8 +247,21 @@ class Tracker:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
-    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
-        """A small table (e.g. sample generations): to ``<name>.json`` and W&B."""
+    def log_table(
+        self,
+        name: str,
+        columns: list[str],
+        rows: list[list[Any]],
+        *,
+        key: str | None = None,
+        step: int | None = None,
+    ) -> None:
+        """A small table (e.g. sample generations): to ``<name>.json`` and W&B.
+
+        W&B pages through the versions of one key, so every step's table goes under the same
+        key (``key``, default :func:`table_key` of ``name``: ``rl_samples_step_000020`` ->
+        ``rl/samples`` at ``rl/step`` 20) rather than a new key per step.
+        """
         if not self.enabled:
             return
         atomic_write_text(
@@ -179,7 +270,17 @@ class Tracker:
         if self._wandb_run is not None:
             import wandb
 
-            self._wandb_run.log({name: wandb.Table(columns=columns, data=rows)})
+            default_key, default_step = table_key(name)
+            key = key or default_key
+            step = default_step if step is None else step
+            payload: dict[str, Any] = {key: wandb.Table(columns=columns, data=rows)}
+            stage = key.split("/", 1)[0]
+            if step is not None and stage in STAGES:
+                payload[f"{stage}/step"] = step
+                # Joins the row of the same step's metrics, logged next.
+                self._log_wandb(payload, joins=(stage, step), commit=False)
+            else:
+                self._log_wandb(payload, joins=None)
 
     def write_summary(self, summary: Mapping[str, Any], path: Path | None = None) -> Path:
         """Write ``summary.json`` atomically and set the numbers on the W&B run."""
@@ -192,14 +293,24 @@ class Tracker:
         return path
 
     def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run and say where it is (and how to upload it, when offline)."""
         if self._wandb_run is not None:
-            self._wandb_run.finish(exit_code=exit_code)
-            self._wandb_run = None
+            if self._pending is not None:
+                self._commit_pending()
+            run, self._wandb_run = self._wandb_run, None
+            where = wandb_location(run)
+            run.finish(exit_code=exit_code)
+            console.print(where)
 
 
 def print_summary(title: str, summary: Mapping[str, Any]) -> None:
-    """A two-column table of the headline numbers on the console."""
-    table = Table(title=title, show_header=True)
+    """A two-column table of the headline numbers on the console.
+
+    The title (it names the run directory) is a line of its own: as a table title it would
+    be wrapped to the table's width, splitting the path.
+    """
+    console.print(title, style="bold")
+    table = Table(show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
@@ -208,10 +319,88 @@ def print_summary(title: str, summary: Mapping[str, Any]) -> None:
     console.print(table)
 
 
+def table_key(name: str) -> tuple[str, int | None]:
+    """The W&B key and step of a table named ``<stage>_<what>[_step_<N>]``.
+
+    ``rl_samples_step_000020`` -> (``rl/samples``, 20); ``eval_samples`` -> (``eval/samples``,
+    None); a name without a stage prefix is kept as it is.
+    """
+    match = re.fullmatch(r"(?P<base>.+)_step_(?P<step>\d+)", name)
+    base, step = (match["base"], int(match["step"])) if match else (name, None)
+    for stage in sorted(STAGES, key=len, reverse=True):
+        if base.startswith(f"{stage}_"):
+            return f"{stage}/{base[len(stage) + 1 :]}", step
+    return base, step
+
+
+def wandb_location(run: Any) -> str:
+    """Where a W&B run lives: its URL online; offline, its folder and the upload command."""
+    url = getattr(run, "url", None)
+    if url and not getattr(run, "offline", False):
+        return f"W&B run: {url}"
+    folder = Path(run.dir).parent  # run.dir is <run_dir>/wandb/offline-run-*/files
+    return f"W&B offline run {run.id} in {folder}; upload it with: wandb sync {folder}"
+
+
+def _read_int(path: Path) -> int:
+    """An integer kept in a small text file; 0 when the file is missing or unreadable."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _torn_line_message(path: Path, lineno: int) -> str:
+    return (
+        f"{path}:{lineno}: ignoring a torn last line (cut short by a crash or a full disk "
+        "while it was appended)"
+    )
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Records of a ``metrics.jsonl`` file.
+
+    A torn last line (an append cut short by a kill or a full disk) is skipped with a warning
+    naming the file; an unreadable line before the last one is corruption, not a torn append,
+    and raises :class:`DataError` naming file and line.
+    """
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    records = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise DataError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
+            log.warning(_torn_line_message(path, lineno))
+    return records
+
+
+def repair_torn_tail(path: Path) -> bool:
+    """Cut a torn last line off an append-only JSONL file (warning); True when one was cut.
+
+    Every complete append ends with a newline, so only text after the last newline can be
+    torn; a complete record that merely lacks its newline gets the newline instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    head = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[head:])
+    except ValueError:
+        log.warning(_torn_line_message(path, data.count(b"\n") + 1))
+        with path.open("r+b") as f:
+            f.truncate(head)
+        return True
+    with path.open("ab") as f:
+        f.write(b"\n")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from alignkit.batch import Rollout
 from alignkit.config import AlgorithmConfig
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
+from alignkit.guards import guard_optimizer
 from alignkit.models import packs, response_logprobs
 from alignkit.ops import aggregate_loss, clipped_policy_loss, kl_penalty, masked_mean, masked_sum
 
@@ -230,6 +231,9 @@ def run_minibatch_updates(
                 norm = torch.nn.utils.clip_grad_norm_(target.clipped(), target.max_grad_norm)
                 step_metrics[f"{target.name}/grad_norm"] = norm.item()
                 for optimizer in target.optimizers:
+                    # A non-finite loss or gradient skips this step (alignkit.guards) instead
+                    # of writing NaN into the weights; the engine counts the skips.
+                    guard_optimizer(optimizer)
                     optimizer.step()
             for key, value in step_metrics.items():
                 totals[key] += value

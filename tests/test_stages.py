@@ -109,7 +109,7 @@ def test_pipeline_logs_to_wandb_offline_and_reads_back(tmp_path: Path) -> None:
             f"run_dir={run_dir}",
             "logger.wandb.group=g1",
             "logger.wandb.tags=[smoke]",
-            "+logger.wandb.api_key=sk-should-not-appear",
+            "+extra.api_key=sk-should-not-appear",
         ],
         env=env,
     )
@@ -127,7 +127,7 @@ def test_pipeline_logs_to_wandb_offline_and_reads_back(tmp_path: Path) -> None:
     assert run["config"]["algorithm"]["name"] == "ppo"
     assert run["config"]["stage"] == "pipeline"
     # An explicitly added secret-looking key is redacted before it reaches W&B.
-    assert run["config"]["logger"]["wandb"]["api_key"] == "***"
+    assert run["config"]["extra"]["api_key"] == "***"
     assert b"sk-should-not-appear" not in files[0].read_bytes()
     assert run["summary"]["gold_win_rate"] == pytest.approx(summary["gold_win_rate"])
     sft_losses = [row["sft/loss"] for row in run["history"] if "sft/loss" in row]

@@ -41,6 +41,7 @@ from alignkit.evaluation import (
 )
 from alignkit.judges import CritiqueJudge, JudgeError, load_template
 from alignkit.judges.config import build_backend
+from alignkit.progress import sample_with_progress
 from alignkit.prompts import conversation, prompt_format, template_mode
 from alignkit.reward_models import (
     EnsembleScorer,
@@ -246,7 +247,7 @@ def compare_policies(
         prompts = ctx.task.eval_prompts()[: int(ecfg.num_prompts)]
         records = [r for _ in range(k) for r in prompts]
         pol = _sample(ctx, policy, tokenizer, records, seed_offset=11)
-        base = _sample(ctx, baseline, tokenizer, records, seed_offset=12)
+        base = _sample(ctx, baseline, tokenizer, records, seed_offset=12, label="baseline")
         summary = _judge_samples(ctx, ev, records, pol, base)
     finally:
         ev.close()
@@ -265,22 +266,40 @@ def compare_policies(
 
 
 def _sample(
-    ctx: RunContext, model: Any, tokenizer: Any, records: list[Any], *, seed_offset: int
+    ctx: RunContext,
+    model: Any,
+    tokenizer: Any,
+    records: list[Any],
+    *,
+    seed_offset: int,
+    label: str = "policy",
 ) -> Samples:
     ecfg = ctx.cfg.eval
     gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + seed_offset)
-    return sample_policy(
-        model,
-        tokenizer,
-        ctx.task,
+    fmt = prompt_format(ctx.cfg, tokenizer, model)
+
+    def sample(part: Sequence[Any]) -> Samples:
+        return sample_policy(
+            model,
+            tokenizer,
+            ctx.task,
+            part,
+            max_new_tokens=int(ecfg.max_new_tokens),
+            temperature=float(ecfg.temperature),
+            greedy=bool(ecfg.greedy),
+            batch_size=int(ecfg.batch_size),
+            max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
+            generator=gen,
+            fmt=fmt,
+        )
+
+    # In slices of whole batches, so progress shows (same samples as one call).
+    return sample_with_progress(  # type: ignore[no-any-return]
+        f"eval sampling ({label})",
         records,
-        max_new_tokens=int(ecfg.max_new_tokens),
-        temperature=float(ecfg.temperature),
-        greedy=bool(ecfg.greedy),
-        batch_size=int(ecfg.batch_size),
-        max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
-        generator=gen,
-        fmt=prompt_format(ctx.cfg, tokenizer, model),
+        int(ecfg.batch_size),
+        int(tokenizer.pad_token_id),
+        sample,
     )
 
 

@@ -17,6 +17,7 @@ gold score of the sampled responses, when the task has an oracle), ``feedback_du
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from alignkit.context import RunContext
 from alignkit.data.feedback import FORMATS, Annotator, check_feedback, label, write_feedback_jsonl
 from alignkit.errors import ConfigError
 from alignkit.evaluation import sample_policy
+from alignkit.progress import print_report, sample_with_progress
 from alignkit.prompts import prompt_format
 from alignkit.stages.common import load_model
 from alignkit.tracking import console
@@ -105,17 +107,26 @@ def sample_responses(
     if k < 1:
         raise ConfigError(f"feedback.samples_per_prompt must be >= 1, got {k}")
     repeated = [r for r in records for _ in range(k)]
-    samples = sample_policy(
-        policy,
-        tokenizer,
-        ctx.task,
-        repeated,
-        max_new_tokens=int(fcfg.max_new_tokens),
-        temperature=float(fcfg.temperature),
-        batch_size=int(fcfg.batch_size),
-        max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
-        generator=torch.Generator().manual_seed(int(fcfg.seed)),
-        fmt=prompt_format(ctx.cfg, tokenizer, policy),
+    generator = torch.Generator().manual_seed(int(fcfg.seed))
+    fmt = prompt_format(ctx.cfg, tokenizer, policy)
+
+    def sample(part: Sequence[Any]) -> Any:
+        return sample_policy(
+            policy,
+            tokenizer,
+            ctx.task,
+            part,
+            max_new_tokens=int(fcfg.max_new_tokens),
+            temperature=float(fcfg.temperature),
+            batch_size=int(fcfg.batch_size),
+            max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
+            generator=generator,
+            fmt=fmt,
+        )
+
+    # In slices of whole batches, so progress shows (same samples as one call).
+    samples = sample_with_progress(
+        "feedback sampling", repeated, int(fcfg.batch_size), int(tokenizer.pad_token_id), sample
     )
     out = samples.responses
     return [list(dict.fromkeys(out[i * k : (i + 1) * k])) for i in range(len(records))]
@@ -151,8 +162,7 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     if ctx.is_main_process:
         write_feedback_jsonl(out, feedback)
     report = check_feedback(feedback)
-    for line in report.lines():
-        console.print(f"feedback: {line}")
+    print_report("feedback", report.lines())
     console.print(f"feedback written to {out}")
     summary = {
         **report.metrics(),

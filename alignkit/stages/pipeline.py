@@ -9,6 +9,8 @@
 3. online RL from the SFT policy -> ``<run_dir>/rl/policy``;
 4. evaluation of the RL policy against the SFT policy on held-out prompts: gold oracle,
    reward model and LLM judge, whichever are available (``docs/evaluation.md``).
+
+The whole pipeline holds the run directory's lock (``alignkit.run_lock``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import open_dict
 
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
+from alignkit.run_lock import run_guard
 from alignkit.stages.common import load_model
 from alignkit.stages.evaluate import compare_policies
 from alignkit.stages.rl import run_rl
@@ -83,6 +86,11 @@ def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
 
 def run_pipeline(ctx: RunContext) -> dict[str, Any]:
     """Every stage in one run directory; the summary holds numbers and ``win_rate_source``."""
+    with run_guard(ctx):
+        return _run_stages(ctx)
+
+
+def _run_stages(ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     check_evaluable(ctx, learned_rewards(ctx))
     summary.update(run_sft(ctx))

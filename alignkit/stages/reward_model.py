@@ -51,6 +51,7 @@ from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
 from alignkit.models import ScalarHeadModel
 from alignkit.optim import adamw
+from alignkit.progress import print_report, progress_bar, sample_with_progress, tracked
 from alignkit.prompts import conversation, prompt_format, template_mode
 from alignkit.reward_models import (
     EnsembleScorer,
@@ -355,9 +356,7 @@ def _progress_bar(label: str | None, total: int) -> Iterator[Callable[[str], Non
     if label is None:
         yield lambda info: None
         return
-    from alignkit.engine import _progress
-
-    with _progress() as progress:
+    with progress_bar() as progress:
         bar = progress.add_task(label, total=total, info="")
         yield lambda info: progress.update(bar, advance=1, info=info)
 
@@ -379,17 +378,27 @@ def normalization_samples(
         records = ctx.task.train_prompts()
         # A seeded sample, not a prefix: the task lists its prompts kind by kind.
         records = random.Random(int(ctx.cfg.seed)).sample(records, min(limit, len(records)))
-        samples = sample_policy(
-            policy,
-            tokenizer,
-            ctx.task,
-            records,
-            max_new_tokens=int(ctx.cfg.feedback.max_new_tokens),
-            temperature=1.0,
-            batch_size=int(ctx.cfg.feedback.batch_size),
-            max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
-            generator=torch.Generator().manual_seed(int(ctx.cfg.seed) + 7),
-            fmt=prompt_format(ctx.cfg, tokenizer, policy),
+        generator = torch.Generator().manual_seed(int(ctx.cfg.seed) + 7)
+        fmt = prompt_format(ctx.cfg, tokenizer, policy)
+        batch_size = int(ctx.cfg.feedback.batch_size)
+
+        def sample(part: Sequence[Any]) -> Any:
+            return sample_policy(
+                policy,
+                tokenizer,
+                ctx.task,
+                part,
+                max_new_tokens=int(ctx.cfg.feedback.max_new_tokens),
+                temperature=1.0,
+                batch_size=batch_size,
+                max_prompt_tokens=int(ctx.cfg.task.max_prompt_tokens),
+                generator=generator,
+                fmt=fmt,
+            )
+
+        # In slices of whole batches, so progress shows (same samples as one call).
+        samples = sample_with_progress(
+            "normalisation sampling", records, batch_size, int(tokenizer.pad_token_id), sample
         )
         raw = template_mode(ctx.cfg) == "raw"
         convs: list[Conversation | None] = [conversation(ctx.task, r, raw) for r in records]
@@ -563,9 +572,8 @@ def run_reward_model(
         records: list[Any] = task_prefs
         report = check_feedback(records)
     else:
-        records, report = load_feedback(paths)
-    for line in report.lines():
-        console.print(f"reward_model data: {line}")
+        records, report = load_feedback(paths, rating_scale=int(ctx.cfg.feedback.rating_scale))
+    print_report("reward_model data", report.lines())
     groups = usable_groups(to_groups(records, loss_attribute(loss_fn)), loss_fn)
     attach_conversations(ctx, groups)
     if not groups:
@@ -611,7 +619,13 @@ def _normalize(
     if not bool(ctx.cfg.reward_model.normalize):
         return {"rm_norm_mean": 0.0, "rm_norm_std": 1.0}
     prompts, responses, convs = normalization_samples(ctx, groups)
-    stats = [fit_normalization(m, prompts, responses, convs) for m in members]
+    # One scoring pass per member; its batches are sorted by length over all samples, so it
+    # is not cut into slices (that would change the batches): progress counts members.
+    stats = []
+    with tracked(f"reward model normalisation ({len(prompts)} samples)", len(members)) as advance:
+        for m in members:
+            stats.append(fit_normalization(m, prompts, responses, convs))
+            advance(1, f"mean {stats[-1][0]:.3f} std {stats[-1][1]:.3f}")
     return {
         "rm_norm_mean": sum(s[0] for s in stats) / len(stats),
         "rm_norm_std": sum(s[1] for s in stats) / len(stats),

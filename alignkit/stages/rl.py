@@ -1,18 +1,30 @@
-"""``stage=rl``: online RL of a policy with the active algorithm and reward plugins."""
+"""``stage=rl``: online RL of a policy with the active algorithm and reward plugins.
+
+The stage holds the run directory's lock (``alignkit.run_lock``) while it runs, refuses a
+resume under a config that defines another run, never saves a non-finite policy, and merges
+its numbers into an existing ``summary.json`` rather than replacing it: a resumed run with
+nothing left to do keeps (or rebuilds from its checkpoint) the finished run's summary.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from alignkit.checkpoint import run_fingerprint
 from alignkit.context import RunContext
 from alignkit.engine import Engine
 from alignkit.errors import ConfigError
+from alignkit.guards import check_finite_parameters
+from alignkit.io import WriteError, write_error
 from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
 from alignkit.optim import adamw
+from alignkit.run_lock import run_guard
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
 from alignkit.tracking import console
@@ -92,19 +104,23 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
     )
 
 
-def run_rl(
-    ctx: RunContext, policy_path: str | Path | None = None
-) -> tuple[dict[str, float], RunContext]:
-    """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context."""
-    path = policy_path or ctx.cfg.model.path
-    if not path:
-        raise ConfigError(
-            "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
-        )
-    rl_ctx = setup_rl(ctx, path)
-    engine = Engine(rl_ctx, train_prompts(rl_ctx))
-    last = engine.run()
+def previous_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's existing ``summary.json`` without its ``stage`` (empty if none/unreadable)."""
+    try:
+        old = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in old.items() if k != "stage"} if isinstance(old, dict) else {}
+
+
+def _has_policy(out: Path) -> bool:
+    return (out / "config.json").is_file()
+
+
+def save_final_policy(rl_ctx: RunContext, step: int) -> Path:
+    """``<run_dir>/rl/policy`` from the trained policy: finite, atomic, errors named."""
     policy = rl_ctx.policy
+    check_finite_parameters(policy, "the final policy", step, rl_ctx.backend)
     if is_lora_model(policy):
         # Export a plain HF folder: adapters merged into a copy, the training model untouched.
         policy = copy.deepcopy(policy).merge_and_unload()
@@ -112,9 +128,42 @@ def run_rl(
     plain = rl_ctx.backend.unwrap(policy)
     out = rl_ctx.run_dir / "policy"
     if plain is not None:
-        save_policy(rl_ctx, plain, rl_ctx.tokenizer, out)
+        try:
+            save_policy(rl_ctx, plain, rl_ctx.tokenizer, out)
+        except WriteError:
+            raise
+        except (OSError, RuntimeError) as exc:  # e.g. safetensors on a full disk
+            raise write_error(out, exc, "the policy") from exc
     rl_ctx.backend.barrier()
     console.print(f"RL policy saved to {out}")
-    summary = {f"rl_final/{k}": v for k, v in last.items() if not k.startswith("time/")}
-    rl_ctx.plugins.call("run_end", ctx=rl_ctx, summary=summary)
+    return out
+
+
+def run_rl(
+    ctx: RunContext, policy_path: str | Path | None = None
+) -> tuple[dict[str, Any], RunContext]:
+    """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context.
+
+    The summary is the run's previous ``summary.json`` updated with this run's numbers.
+    """
+    path = policy_path or ctx.cfg.model.path
+    if not path:
+        raise ConfigError(
+            "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
+        )
+    with run_guard(ctx):
+        rl_ctx = setup_rl(ctx, path)
+        fingerprint = run_fingerprint(ctx.cfg, path, ctx.run_dir)
+        engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint)
+        last = engine.run()
+        ran = engine.start_step < int(ctx.cfg.rl.steps)
+        if ran or not _has_policy(rl_ctx.run_dir / "policy"):
+            # Also when nothing ran but the policy folder is missing: a kill during the
+            # final save left the final checkpoint, which the engine loaded.
+            save_final_policy(rl_ctx, max(engine.start_step, int(ctx.cfg.rl.steps)))
+        summary = {
+            **previous_summary(ctx.run_dir),
+            **{f"rl_final/{k}": v for k, v in last.items() if not k.startswith("time/")},
+        }
+        rl_ctx.plugins.call("run_end", ctx=rl_ctx, summary=summary)
     return summary, rl_ctx
