@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import ConfigError
+from alignkit.flops import GATED_MLP_TYPES
 from alignkit.io import atomic_directory
 from alignkit.models import train_tokenizer
 
@@ -61,15 +62,11 @@ class TinyArchSpec:
     seed: int = 0
 
 
-GATED = frozenset({"llama", "qwen2", "mistral", "gemma"})
-"""Architectures whose MLP is gated (three matrices)."""
-
-
 def default_intermediate(arch: str, hidden: int) -> int:
     """MLP width of ``arch`` at the parameter count of GPT-2's ``4 * hidden`` MLP: two
     ``hidden x 4 hidden`` matrices, or three gated ones of the multiple of 8 nearest
     ``8/3 * hidden``."""
-    if arch not in GATED:
+    if arch not in GATED_MLP_TYPES:
         return 4 * hidden
     return max(8, round(8 * hidden / 3 / 8) * 8)
 
