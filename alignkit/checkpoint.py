@@ -162,6 +162,17 @@ def _rng_file(ctx: RunContext) -> str:
     return f"rng_rank{ctx.backend.rank}.pt" if ctx.backend.sharded else "rng.pt"
 
 
+def _rng_to_load(ctx: RunContext, directory: Path) -> Path | None:
+    """This rank's RNG file, or, resumed on another number of ranks or another backend,
+    rank 0's (or the single-device one): every rank seeds and draws alike (the sampling
+    generator draws the global batch's numbers on every rank), so any rank's state is every
+    rank's, and the resumed run samples what the uninterrupted one would."""
+    for name in (_rng_file(ctx), "rng_rank0.pt", "rng.pt"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
 def _write_shared(ctx: RunContext, tmp: Path, step: int, extra: dict[str, Any]) -> None:
     """The main process's part: schedule, step and plugin state, HF config, plugin files."""
     torch.save(
@@ -285,17 +296,13 @@ def load_checkpoint(ctx: RunContext, directory: Path) -> dict[str, Any]:
     if ctx.scheduler is not None and scheduler_state is not None:
         ctx.scheduler.load_state_dict(scheduler_state)
     meta = json.loads((directory / "state.json").read_text())
-    rng_path = directory / _rng_file(ctx)
-    if rng_path.is_file():
+    rng_path = _rng_to_load(ctx, directory)
+    if rng_path is not None:
         backend.load_rng_state(torch.load(rng_path, weights_only=True), ctx.generator)
     else:
-        # Resumed on a different number of ranks: data and weights continue, samples differ.
         from alignkit.tracking import console
 
-        console.print(
-            f"[yellow]{directory.name}: no {rng_path.name} (saved with world size "
-            f"{meta.get('world_size', 1)}); sampling RNG starts fresh[/]"
-        )
+        console.print(f"[yellow]{directory.name}: no RNG state file; sampling RNG starts fresh[/]")
     ctx.state.update(meta.get("plugin_state", {}))
     ctx.state.update(torch.load(directory / "plugin_tensors.pt", weights_only=True))
     ctx.plugins.call("load_checkpoint", ctx=ctx, directory=directory)

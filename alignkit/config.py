@@ -164,7 +164,16 @@ class RLConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
+    """Sample rollouts from the k most likely tokens (0: all); needs
+    ``allow_truncated_sampling``."""
     top_p: float = 1.0
+    """Sample rollouts from the smallest set of tokens with this much probability (1: all);
+    needs ``allow_truncated_sampling``."""
+    allow_truncated_sampling: bool = False
+    """Accept ``top_k > 0`` or ``top_p < 1`` in RL. The recorded old log-probs, like the
+    update's, are the full temperature-scaled distribution's, as TRL and verl compute them,
+    not the truncated distribution the tokens were sampled from: the update is then
+    off-policy by the truncation, which nothing corrects. Refused unless this is true."""
     kl_coef: float = 0.2
     """Coefficient of the KL penalty to the reference policy; 0 skips the reference forward.
 
@@ -174,6 +183,9 @@ class RLConfig:
     the K = 32 reward model (README) 0.2 stayed best: 0.64-0.65 against 0.63 at 0.1 and 0.62
     at 0.3."""
     kl_estimator: str = "k1"
+    """Per-token estimate of KL(pi || ref) (:func:`alignkit.ops.kl_penalty`): k1, k2 or k3.
+    k1 is right in the reward; in the loss (``algorithm.kl_in_loss=true``) its expected
+    gradient is zero, so it is refused there: use k2 (gradient of KL(pi || ref)) or k3."""
     checkpoint_every: int = 20
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

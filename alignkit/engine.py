@@ -5,13 +5,22 @@ the four phase hooks in order handing the same :class:`~alignkit.batch.Rollout` 
 combines the reward components with their configured weights, logs metrics and writes
 periodic checkpoints.
 
-Under a multi-rank backend (``backend=fsdp``) every rank draws the same global list of
-``rl.prompts_per_step`` prompts and rolls out its contiguous share of them (generation, the
-costly phase, is data-parallel; every forward is collective). The shares are then gathered
-into the global batch, so the reward, advantage and update hooks see exactly the batch a
-single process would see: batch-level statistics (advantage whitening, group baselines, the
-KL controller) need no collectives in plugins, and since every rank contributes the same
-gradient, FSDP's gradient averaging gives the single-process gradient.
+Under a multi-rank backend (``backend=fsdp``) the work of a step is split over the ranks
+(data parallel) while its result stays that of one process on the same global batch:
+
+* every rank draws the same global list of ``rl.prompts_per_step`` prompts and rolls out its
+  contiguous share of them (generation, sampling log-probs and the reference forward), so all
+  samples of a prompt stay on one rank;
+* the reward hooks score that share only (each rank runs its reward models on its rows);
+* the scored shares are gathered into the global batch (token ids, masks and per-token
+  floats: small next to the forwards), so the advantage hook sees the batch one process
+  would see, and batch-level statistics (advantage whitening, group baselines, the KL
+  controller, metrics) are those of the whole batch with no collective in plugin code;
+* per-row forwards of the advantage phase are split again where they cost (PPO's critic:
+  :func:`alignkit.training.rank_rows`), and the update trains each rank on its share of every
+  global minibatch, normalised by the minibatch's global counts
+  (:func:`alignkit.training.run_minibatch_updates`): the summed gradient is the
+  single-process gradient, and ``update/rows`` logs the rows this rank trained on.
 
 Integrity (see ``alignkit.guards``): a non-finite reward component stops the run with an
 error naming the component and the step, before the update; an optimizer step with
@@ -106,7 +115,11 @@ def combine_rewards(
             components[name] = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     if not components:
         raise PluginError("no reward plugin scored the batch; configure reward=[...]")
-    total = torch.zeros(rows)
+    # Plugins may score on different devices (a model on the GPU, a judge on the CPU): the
+    # total is taken on the first component's device, never on a CPU default.
+    device = next(iter(components.values())).device
+    components = {name: scores.to(device) for name, scores in components.items()}
+    total = torch.zeros(rows, device=device)
     for name, scores in components.items():
         if scores.shape != (rows,):
             raise PluginError(
@@ -330,19 +343,21 @@ class Engine:
         batch: Rollout = pm.call("rollout", ctx=ctx, records=ctx.backend.shard(records))
         _check_batch(batch, "rollout", pm.implementers("rollout")[0])
         parts = dict(batch.timings)  # this rank's own; the gathered batch starts afresh
-        if ctx.backend.distributed:
-            batch = gather_rollout(ctx, batch)
         timings["time/rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        # Each rank scores its own rows; the scored shares make the global batch.
         results = [r for r in pm.call("reward", ctx=ctx, batch=batch) if r]
         rewards, components = combine_rewards(ctx, results, batch.num_rows)
-        # Checked per component, before anything trains on it: the error names the culprit.
-        check_reward_components(components, step)
         # Reward plugins may score on the CPU; the batch lives on the backend's device.
         device = batch.response_ids.device
         batch.rewards = rewards.to(device)
         batch.reward_components = {k: v.to(device) for k, v in components.items()}
+        if ctx.backend.distributed:
+            batch = gather_rollout(ctx, batch)
+        # Checked per component on the global batch, so every rank stops alike, before
+        # anything trains on it: the error names the culprit.
+        check_reward_components(batch.reward_components, step)
         timings["time/reward"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -31,6 +31,8 @@ class Samples:
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, R) right-padded
     response_mask: torch.Tensor  # (B, R)
+    finished: list[bool] | None = None
+    """Per row, whether the response emitted a stop token (False: cut at the length limit)."""
 
 
 @torch.no_grad()
@@ -56,10 +58,12 @@ def sample_policy(
     """
     model.eval()
     fmt = fmt if fmt is not None else PromptFormat(tokenizer, model=model)
-    chunks = []
+    device = next(model.parameters()).device  # prompts are encoded on the CPU
+    chunks, finished = [], []
     for start in range(0, len(records), batch_size):
         part = records[start : start + batch_size]
         ids, mask, _ = encode_prompts(fmt, task, part, max_prompt_tokens)
+        ids, mask = ids.to(device), mask.to(device)
         out = generate(
             model,
             ids,
@@ -73,6 +77,7 @@ def sample_policy(
             return_logprobs=False,
         )
         chunks.append((ids, mask, out.response_ids, out.response_mask))
+        finished += [bool(f) for f in out.finished.tolist()]
     responses: list[str] = []
     for _, _, rids, rmask in chunks:
         responses += decode_responses(tokenizer, rids, rmask, fmt.stop_ids)
@@ -84,6 +89,7 @@ def sample_policy(
         prompt_mask=_cat_padded([c[1] for c in chunks], 0, left=True),
         response_ids=_cat_padded([c[2] for c in chunks], pad, left=False),
         response_mask=_cat_padded([c[3] for c in chunks], 0, left=False),
+        finished=finished,
     )
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, TopKLogitsWarper, TopPLogitsWarper
 
 from alignkit.lean import lean_decoder
-from alignkit.models import position_ids_from_mask, supports_logits_to_keep
+from alignkit.models import float32_lm_head, position_ids_from_mask, supports_logits_to_keep
 
 __all__ = [
     "GenerationOutput",
@@ -122,7 +122,11 @@ def _truncate(scaled_logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return scaled_logits
 
 
-def sample_from(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_from(
+    probs: Tensor,
+    generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
+) -> Tensor:
     """One token per row of (B, V) ``probs`` by inverting the CDF: (B,) long.
 
     Draws B uniforms instead of the B x V exponentials of ``torch.multinomial`` (its
@@ -130,11 +134,24 @@ def sample_from(probs: Tensor, generator: torch.Generator | None = None) -> Tens
     first index whose cumulative probability reaches ``u`` times the row's total always has
     a positive probability, so top-k / top-p truncated tokens are never drawn. The cumulative
     sum is float64 so tail tokens keep their probability to rounding.
+
+    The uniforms are drawn on ``generator``'s device (a generator can only draw there): a
+    CUDA generator with probabilities on its GPU draws in place; a CPU generator with
+    probabilities on a GPU draws its B numbers on the host and copies them over, the same
+    numbers as a CPU run would draw.
+
+    ``rows=(offset, total)``: these B rows are rows ``offset .. offset + B`` of a global batch
+    of ``total`` rows split over ranks. The draw is the global batch's ``total`` numbers, of
+    which this call takes its rows' own, so with the same generator state on every rank each
+    row gets the number it gets in one process sampling the whole batch.
     """
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
-    u = 1.0 - torch.rand(
-        probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device
-    )  # (B, 1) in (0, 1]
+    draw_on = probs.device if generator is None else generator.device
+    offset, total = (0, probs.shape[0]) if rows is None else rows
+    if not 0 <= offset <= total - probs.shape[0]:
+        raise ValueError(f"rows={rows} does not hold a batch of {probs.shape[0]} rows")
+    u = 1.0 - torch.rand(total, 1, generator=generator, dtype=torch.float64, device=draw_on)
+    u = u[offset : offset + probs.shape[0]].to(probs.device)  # (B, 1) in (0, 1]
     token = torch.searchsorted(cdf, u * cdf[:, -1:])
     return token.squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
@@ -216,22 +233,24 @@ def _decoder(
             # Prefill: only the last position's logits are needed, so skip the (B, P, V)
             # projection.
             extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
-            out = model(
-                input_ids=prompt_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **extra,
-            )
+            with float32_lm_head(model):  # sampling logits are not rounded to bf16
+                out = model(
+                    input_ids=prompt_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **extra,
+                )
         else:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=next_position,
-                use_cache=True,
-                **{cache_arg: past},
-            )
+            with float32_lm_head(model):
+                out = model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=next_position,
+                    use_cache=True,
+                    **{cache_arg: past},
+                )
             next_position = next_position + 1
         # Not out.get("cache", out.past_key_values): reading the old name warns.
         past = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401
@@ -254,6 +273,7 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
     return_logprobs: bool = True,
     lean: bool = True,
 ) -> GenerationOutput:
@@ -267,7 +287,14 @@ def generate(
         eos_token_id: the id, or ids, that end a row (e.g. EOS and a chat template's
             end-of-turn token); the stop token is kept as the row's last response token.
         greedy: take the arg-max token instead of sampling (log-probs still use τ).
-        generator: RNG for ``torch.multinomial``; same seed -> same samples.
+        generator: RNG of the sampling draws (:func:`sample_from`); same seed -> same
+            samples. Best on the model's device (:meth:`alignkit.backends.Backend.seed`
+            makes it so); a CPU generator also works with a model on a GPU.
+        rows: ``(offset, total)`` when these prompts are rows ``offset ..`` of a global batch
+            of ``total`` rows split over ranks (:func:`sample_from`): with the same generator
+            state on every rank, the samples are those of one process generating the whole
+            batch, whatever the number of ranks. Every rank must run the same number of
+            steps (an FSDP-sharded model does: the loop stops when all ranks are done).
         lean: decode a supported model (GPT-2, the Llama family, GPT-NeoX) with
             :mod:`alignkit.lean` (same maths, a preallocated cache, no per-token mask or
             rotary rebuild); other models, and ``False``, use the model's own forward.
@@ -280,7 +307,9 @@ def generate(
     Log-prob convention: ``logprobs`` are taken from the full temperature-scaled distribution,
     *not* the top-k / top-p truncated one we sample from. This is what
     :func:`alignkit.models.sequence_logprobs` recomputes during training, so importance ratios
-    between the rollout and the training policy are exactly 1 before any update.
+    between the rollout and the training policy are exactly 1 before any update (in float32;
+    under bf16 autocast the LM head still runs in float32 on both sides, and what is left is
+    the bf16 body's rounding, which differs between an incremental decode and a full forward).
     """
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, prompt_mask)
     batch = prompt_ids.shape[0]
@@ -304,7 +333,7 @@ def generate(
             token = scaled.argmax(dim=-1)
         else:
             probs = torch.softmax(_truncate(scaled, top_k, top_p), dim=-1)
-            token = sample_from(probs, generator)
+            token = sample_from(probs, generator, rows)
         alive = ~finished
         token = torch.where(alive, token, pad_token_id)  # finished rows only emit padding
         tokens.append(token)

@@ -33,6 +33,10 @@ Three uses:
   through the linear layers once, so a prompt shared by K samples is computed once and
   padding not at all.
 
+Logits (sampling and packed) come from an LM head run in float32 with autocast off
+(:func:`alignkit.ops.float32_linear`): under bf16 autocast the body runs in bf16 as the
+model's own forward does, but the logits are not rounded to bf16 on top of that.
+
 All return None for anything they cannot reproduce exactly (another architecture or a
 subclass, LoRA or FSDP wrappers, quantised layers, active dropout, rotary scalings that
 depend on the sequence length, a context past a sliding window, a forward hook that may
@@ -56,6 +60,7 @@ from alignkit.flops import (
     packed_forward_flops,
     packed_last_token_flops,
 )
+from alignkit.ops import float32_linear
 from alignkit.packing import PackedSequences
 
 __all__ = [
@@ -114,6 +119,15 @@ class _Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def float32(self, x: Tensor) -> Tensor:
+        """This layer in float32 with autocast off (an LM head: no bf16 logits)."""
+        return float32_linear(x, self.weight, self.bias)
+
+    def as_float32(self) -> _Linear:
+        """The same layer with float32 weights (no copy when they already are float32)."""
+        bias = None if self.bias is None else self.bias.float()
+        return _Linear(self.weight.float(), bias)
 
     def rows(self, start: int, stop: int) -> _Linear:
         """The output features ``start:stop`` (a slice of a fused projection)."""
@@ -637,6 +651,7 @@ class LeanDecoder:
     def __init__(self, arch: _Arch, head: _Linear) -> None:
         self.arch = arch
         self.head = head
+        self.head32: _Linear | None = None  # the head in float32, for one rollout
         self.k_cache: list[Tensor] = []
         self.v_cache: list[Tensor] = []
         self.key_ok: Tensor | None = None  # (B, S) bool: key position holds a real token
@@ -649,6 +664,8 @@ class LeanDecoder:
         a = self.arch
         shape = (batch, a.kv_heads, capacity, a.head_dim)
         dtype, device = self.head.weight.dtype, self.head.weight.device
+        # Half-precision weights are cast once per rollout here, not at every decode step.
+        self.head32 = self.head.as_float32()
         self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(a.layers)]
         self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(a.layers)]
         # Generated positions are always attended to (finished rows decode padding that no
@@ -680,12 +697,12 @@ class LeanDecoder:
         """Logits for (B, T) ``ids`` at (B, T) ``positions``, appending T cache entries.
 
         Returns:
-            (B, V) logits of the last position if ``last_only``, else (B, T, V).
+            (B, V) float32 logits of the last position if ``last_only``, else (B, T, V).
         """
         return self._forward(ids, positions, last_only, None)
 
     def prefill(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """(B, V) last-position logits of the (B, P) prompts, filling the cache from 0.
+        """(B, V) float32 last-position logits of the (B, P) prompts, filling the cache from 0.
 
         Equal prompt rows (the samples of one prompt, repeated for a group) are computed once
         and their keys and values copied to each of their cache rows: a prompt's cache
@@ -732,7 +749,8 @@ class LeanDecoder:
         self.length = end
         if last_only:
             x = x[:, -1]
-        logits = self.head(a.final_norm(x))
+        assert self.head32 is not None, "start() allocates the cache and the float32 head"
+        logits = self.head32.float32(a.final_norm(x))
         if call_observers:
             positions_out = bsz if last_only else bsz * new
             a.report(forward_flops(a.shape, bsz, new, 0, context=end) + _head(a, positions_out))
@@ -931,10 +949,11 @@ def packed_states(trunk: nn.Module, packed: PackedSequences, read: Tensor) -> Te
 
 
 def packed_logits(model: nn.Module, packed: PackedSequences, read: Tensor) -> Tensor | None:
-    """(..., V) logits of a causal LM at the packed tokens ``read``.
+    """(..., V) float32 logits of a causal LM at the packed tokens ``read``.
 
-    Only the read positions go through the LM head; see :func:`packed_states`. None where
-    the lean maths would not be exact (see :func:`lean_decoder`).
+    Only the read positions go through the LM head, in float32 with autocast off (see the
+    module docstring); see :func:`packed_states`. None where the lean maths would not be
+    exact (see :func:`lean_decoder`).
     """
     found = _lm(model)
     if found is None or not found[0].fits(int(packed.layout.shape[1])):
@@ -943,7 +962,7 @@ def packed_logits(model: nn.Module, packed: PackedSequences, read: Tensor) -> Te
     hidden = _packed_states(a, packed, read)
     if call_observers:
         a.report(_head(a, read.numel()))
-    return head(hidden)
+    return head.float32(hidden)
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -7,16 +7,17 @@ that every prompt ends at column P - 1 and every response starts at column P.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, MethodType
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from alignkit.lean import (
     packed_logits,
     packed_states,
 )
-from alignkit.ops import entropy_from_logits, logprobs_from_logits
+from alignkit.ops import entropy_from_logits, float32_linear, logprobs_from_logits
 from alignkit.packing import PackedSequences, pack_sequences
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "build_tiny_model",
     "count_parameters",
     "disable_dropout",
+    "float32_lm_head",
     "fold_normalization",
     "is_scalar_head_folder",
     "last_token_index",
@@ -488,6 +490,37 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def _float32_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """``nn.Linear.forward`` in float32 with autocast off (bound to one head by
+    :func:`float32_lm_head`)."""
+    return float32_linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def float32_lm_head(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model``'s own forward computes its logits in float32.
+
+    For the paths where the model's forward (not :mod:`alignkit.lean`) produces the logits
+    of log-probs or sampling. Under bf16 autocast, or with FSDP's bf16 parameters, the LM
+    head would return bf16 logits, rounded to 8 significant bits; here the head's forward is
+    :func:`alignkit.ops.float32_linear` on this instance for the duration, so it still runs
+    inside the model's forward: FSDP has gathered the full weight there, autograd reaches
+    it as usual, and no second projection is computed. The (B, T, V) logits come back
+    float32. A head that is not exactly an ``nn.Linear`` (a LoRA-wrapped or quantised one)
+    is left alone, and its logits are only upcast afterwards.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear or "forward" in vars(head):
+        yield  # not a plain head, or already switched by an enclosing block
+        return
+    head.forward = MethodType(_float32_forward, head)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -512,7 +545,8 @@ def sequence_logprobs(
 
     Logits at positions P-1 .. T-2 predict tokens P .. T-1. Only the last R + 1 hidden states
     go through the LM head (when the model supports ``logits_to_keep``), since prompt logits
-    are never used and the (B, T, V) projection dominates memory for large vocabularies.
+    are never used and the (B, T, V) projection dominates memory for large vocabularies. The
+    head runs in float32 under any autocast (:func:`float32_lm_head`).
     """
     total = input_ids.shape[1]
     n_resp = total - response_start
@@ -521,13 +555,14 @@ def sequence_logprobs(
     kwargs: dict[str, object] = {}
     if supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_resp + 1
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        **kwargs,
-    )
+    with float32_lm_head(model):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            **kwargs,
+        )
     logits = out.logits[:, -(n_resp + 1) : -1]  # (B, R, V): positions P-1 .. T-2
     labels, valid = input_ids[:, response_start:], attention_mask[:, response_start:] != 0
     return _token_logprobs(logits, labels, valid, temperature, return_entropy)
@@ -603,7 +638,8 @@ def response_logprobs(
 
     A supported model runs packed (:func:`alignkit.lean.packed_logits`): the K samples of a
     prompt share its tokens, and no linear layer runs on padding. The result equals the
-    padded forward's to float rounding; other models run :func:`sequence_logprobs`.
+    padded forward's to float rounding; other models run :func:`sequence_logprobs`. Either
+    way the LM head and the log-softmax run in float32, under autocast too.
 
     Returns:
         (B, R) float32 log-probs (0 at response padding), or ``(logprobs, entropy)``.
@@ -755,7 +791,11 @@ def unfold_normalization(
     Returns:
         ``(w (1, H), b (1,), mean, std)`` in ``weight``'s dtype.
     """
-    beta = bias.detach().double() if bias is not None else torch.zeros(1, dtype=torch.float64)
+    beta = (
+        bias.detach().double()
+        if bias is not None
+        else torch.zeros(1, dtype=torch.float64, device=weight.device)
+    )
     if normalization is None:
         return weight.detach().clone(), beta.to(weight.dtype), -offset, 1.0
     mean, std = float(normalization.get("mean", 0.0)), float(normalization.get("std", 1.0))

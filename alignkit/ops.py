@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "clipped_value_loss",
     "entropy_from_logits",
     "explained_variance",
+    "float32_linear",
     "gae",
     "group_normalized_advantages",
     "kl_penalty",
@@ -38,8 +40,43 @@ __all__ = [
 ]
 
 
+def float32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` in float32 whatever the autocast state: (..., out) float32.
+
+    Args:
+        x: (..., in) hidden states, any floating dtype.
+        weight: (out, in); ``bias``: (out,) or None.
+
+    The LM head of every path that yields log-probs or sampling logits. Under bf16 / fp16
+    autocast ``F.linear`` runs in half precision even for float32 weights and rounds its
+    output to it (bf16 keeps 8 significant bits: at |logit| ~ 10 an error of up to 0.03 in
+    every log-prob, in the sampled distribution and in the importance ratio). Here autocast
+    is off and both operands are float32, so the logits carry only the rounding already in
+    ``x``. With float32 operands and autocast off (the CPU default) this is exactly
+    ``F.linear``.
+    """
+    device_type = x.device.type
+    # Devices autocast does not know (meta) cannot be in an autocast region.
+    if not (
+        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    ):
+        return _linear32(x, weight, bias)
+    with torch.autocast(device_type, enabled=False):
+        return _linear32(x, weight, bias)
+
+
+def _linear32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # .float() returns float32 tensors themselves, so the float32 case copies nothing.
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 def _scaled_float_logits(logits: Tensor, temperature: float) -> Tensor:
-    """Upcast to float32 (bf16/fp16 log-softmax is too coarse for RL ratios) and apply 1/τ."""
+    """Upcast to float32 (bf16/fp16 log-softmax is too coarse for RL ratios) and apply 1/τ.
+
+    Upcasting cannot restore bits the logits lost in a half-precision head: produce them
+    with :func:`float32_linear`. Nothing after this point is downcast by autocast (gather,
+    ``logsumexp`` and ``log_softmax`` keep float32 inputs in float32).
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.float()

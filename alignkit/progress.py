@@ -173,6 +173,9 @@ def join_samples(pieces: list[Any], pad_id: int) -> Any:
         prompt_mask=_cat_padded([p.prompt_mask for p in pieces], 0, left=True),
         response_ids=_cat_padded([p.response_ids for p in pieces], pad_id, left=False),
         response_mask=_cat_padded([p.response_mask for p in pieces], 0, left=False),
+        finished=None
+        if any(p.finished is None for p in pieces)
+        else [f for p in pieces for f in p.finished],
     )
 
 

@@ -4,7 +4,10 @@
   reward model's *own* tokenizer, so a reward model trained with a different tokenizer than
   the policy scores the policy's rollouts after a decode -> text -> re-encode round trip
   (the N implementation details of RLHF, Huang et al. 2024). The reward is read at the last
-  non-pad token, the EOS (:meth:`alignkit.models.ScalarHeadModel.score`).
+  non-pad token, the EOS (:meth:`alignkit.models.ScalarHeadModel.score`). A rollout cut at
+  ``rl.max_new_tokens`` (``Rollout.finished`` False) gets no EOS: the reward model, which
+  only ever saw ended responses, then reads an unterminated text rather than one that looks
+  finished.
 * :class:`RewardScorer`: batched, length-sorted scoring of texts with a trained model; its
   output is normalised with the model's saved mean / std (:func:`fit_normalization`).
 * :class:`EnsembleScorer` and :func:`ensemble_reward`: mean, conservative and worst-case
@@ -64,6 +67,7 @@ def encode_parts(
     max_length: int,
     conversations: Sequence[Conversation | None] | None = None,
     template: str = "auto",
+    finished: Sequence[bool] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids) per row, in the reward model's own format.
 
@@ -72,6 +76,10 @@ def encode_parts(
     ``template``: its chat template if it has one, whatever the policy's was. Without, a row
     is ``prompt + " " + response + EOS`` of the given prompt text.
 
+    ``finished`` (per row; None: every row) says which responses ended. Only those are closed
+    by EOS (or the chat template's end-of-turn token); a response cut at the length limit is
+    left open, so the reward is read at its last token, not at a stop it never emitted.
+
     Prompt and response are tokenised apart (as in SFT), so the response tokens do not depend
     on how the prompt ends, and one prompt's rows share its ids exactly. A row longer than
     ``max_length`` loses tokens from the left: the end of the response and its stop token,
@@ -79,6 +87,9 @@ def encode_parts(
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ended = [True] * len(responses) if finished is None else [bool(f) for f in finished]
+    if len(ended) != len(responses):
+        raise ValueError(f"{len(ended)} finished flags but {len(responses)} responses")
     if not prompts:
         return []
     if conversations is not None:
@@ -87,6 +98,7 @@ def encode_parts(
             [p if c is None else c for p, c in zip(prompts, conversations, strict=True)],
             responses,
             max_length,
+            ended,
         )
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     texts = [" " + r.strip() if r.strip() else "" for r in responses]
@@ -98,7 +110,10 @@ def encode_parts(
         if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
         else []
     )
-    return [_cut_left(bos + p, r + eos, max_length) for p, r in zip(p_ids, r_ids, strict=True)]
+    return [
+        _cut_left(bos + p, r + eos if done else r, max_length)
+        for p, r, done in zip(p_ids, r_ids, ended, strict=True)
+    ]
 
 
 def _cut_left(head: list[int], tail: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -106,11 +121,17 @@ def _cut_left(head: list[int], tail: list[int], max_length: int) -> tuple[list[i
     return head[cut:], tail[max(0, cut - len(head)) :]
 
 
+def _unterminated(response_ids: list[int], closers: set[int]) -> list[int]:
+    """``response_ids`` without the stop token that closes them (the format adds exactly one)."""
+    return response_ids[:-1] if response_ids and response_ids[-1] in closers else response_ids
+
+
 def _encode_conversations(
     fmt: PromptFormat,
     prompts: Sequence[Conversation],
     responses: Sequence[str],
     max_length: int,
+    finished: Sequence[bool],
 ) -> list[tuple[list[int], list[int]]]:
     # One prompt encoding per distinct conversation: a group's responses share it exactly.
     keys = [p if isinstance(p, str) else repr([sorted(m.items()) for m in p]) for p in prompts]
@@ -120,6 +141,14 @@ def _encode_conversations(
     )
     heads = [encoded[key] for key in keys]
     tails = fmt.encode_responses(prompts, responses)
+    # A reply is closed by the template's end-of-turn token, or EOS when it has none.
+    closers = {
+        *fmt.stop_ids,
+        *([] if fmt.tokenizer.eos_token_id is None else [fmt.tokenizer.eos_token_id]),
+    }
+    tails = [
+        t if done else _unterminated(t, closers) for t, done in zip(tails, finished, strict=True)
+    ]
     return [_cut_left(h, t, max_length) for h, t in zip(heads, tails, strict=True)]
 
 
@@ -155,7 +184,8 @@ class Scorer(Protocol):
     """Anything that scores (prompt, response) texts: one model or an ensemble.
 
     ``conversations`` optionally gives each row's prompt messages, which a scorer renders in
-    its own format instead of reading the prompt text.
+    its own format instead of reading the prompt text; ``finished`` which responses ended
+    (None: all), the others being scored as cut off (:func:`encode_parts`).
     """
 
     def score(
@@ -163,6 +193,7 @@ class Scorer(Protocol):
         prompts: Sequence[str],
         responses: Sequence[str],
         conversations: Sequence[Conversation | None] | None = None,
+        finished: Sequence[bool] | None = None,
     ) -> Tensor: ...
 
 
@@ -184,16 +215,18 @@ class RewardScorer:
         prompts: Sequence[str],
         responses: Sequence[str],
         conversations: Sequence[Conversation | None] | None = None,
+        finished: Sequence[bool] | None = None,
     ) -> Tensor:
         """(B,) float32 normalised rewards, on the CPU.
 
-        ``conversations`` (optional, per row) are re-rendered in this model's own format
-        (:func:`encode_parts`). Rows are sorted by length before batching, so a batch pads to
-        similar lengths, and put back in order afterwards.
+        ``conversations`` (optional, per row) are re-rendered in this model's own format;
+        rows whose ``finished`` flag is False get no EOS (:func:`encode_parts`). Rows are
+        sorted by length before batching, so a batch pads to similar lengths, and put back
+        in order afterwards.
         """
         limit = model_max_length(self.model, self.max_length)
         parts = encode_parts(
-            self.tokenizer, prompts, responses, limit, conversations, self.template
+            self.tokenizer, prompts, responses, limit, conversations, self.template, finished
         )
         seqs = [p + r for p, r in parts]
         out = torch.zeros(len(seqs), dtype=torch.float32)
@@ -246,17 +279,21 @@ class EnsembleScorer:
         prompts: Sequence[str],
         responses: Sequence[str],
         conversations: Sequence[Conversation | None] | None = None,
+        finished: Sequence[bool] | None = None,
     ) -> Tensor:
         """(E, B) normalised score of each member."""
-        return torch.stack([m.score(prompts, responses, conversations) for m in self.members])
+        return torch.stack(
+            [m.score(prompts, responses, conversations, finished) for m in self.members]
+        )
 
     def score(
         self,
         prompts: Sequence[str],
         responses: Sequence[str],
         conversations: Sequence[Conversation | None] | None = None,
+        finished: Sequence[bool] | None = None,
     ) -> Tensor:
-        scores = self.member_scores(prompts, responses, conversations)
+        scores = self.member_scores(prompts, responses, conversations, finished)
         return ensemble_reward(scores, self.mode, self.k)
 
 
@@ -635,12 +672,19 @@ def reward_hook(ctx: RunContext, batch: Rollout, name: str) -> dict[str, Tensor]
     """The ``reward`` hook of a learned-reward plugin: ``{name: (B,) scores}``.
 
     Texts are re-encoded with the reward model's tokenizer, which may differ from the
-    policy's.
+    policy's; a response cut at ``rl.max_new_tokens`` is re-encoded without EOS.
     """
     prompts, responses = rollout_texts(batch, ctx.tokenizer)
-    return {
-        name: scorer_for(ctx, name).score(prompts, responses, rollout_conversations(ctx, batch))
-    }
+    convs = rollout_conversations(ctx, batch)
+    return {name: scorer_for(ctx, name).score(prompts, responses, convs, rollout_finished(batch))}
+
+
+def rollout_finished(batch: Rollout) -> list[bool] | None:
+    """Per row, whether the response emitted a stop token (None: the rollout did not say,
+    and every response is taken as ended)."""
+    if batch.finished is None:
+        return None
+    return [bool(f) for f in batch.finished.tolist()]
 
 
 def rollout_conversations(ctx: RunContext, batch: Rollout) -> list[Conversation | None] | None:

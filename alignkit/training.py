@@ -14,6 +14,16 @@ many of them make one optimizer step. The loss function receives the *global* co
 whole minibatch (:class:`Counts`) and normalises by them, so the summed micro-batch losses
 equal the loss of the full minibatch: splitting it differently never changes the gradient.
 
+Data parallel (``backend=fsdp`` on N ranks): every rank holds the step's global batch (cheap:
+token ids, masks and per-token floats) and builds the same plan of global minibatches, so an
+optimizer step sees exactly the rows it would see in one process; each rank then forwards
+and backwards only its ``1/N`` share of every minibatch (:func:`rank_share`), normalised by
+the minibatch's global counts. The shares' gradients add up to the single-process gradient
+(FSDP averages over ranks, so each rank's loss is scaled by N before ``backward``), and the
+metrics, shares of global values too, are summed over ranks once per update. A run's
+optimisation is therefore the same on any number of ranks; ``minibatch_size`` caps the rows
+of one forward on one rank.
+
 Algorithms supply the per-micro-batch loss; :func:`policy_loss` is the clipped
 policy-gradient loss that GRPO, RLOO, REINFORCE++ and PPO share.
 """
@@ -38,9 +48,11 @@ from alignkit.ops import aggregate_loss, clipped_policy_loss, kl_penalty, masked
 
 __all__ = [
     "Counts",
+    "DataParallel",
     "LossFn",
     "OptimTarget",
     "PolicyLossSpec",
+    "gather_rows",
     "group_sorted",
     "length_sorted",
     "minibatches",
@@ -48,6 +60,8 @@ __all__ = [
     "policy_logprobs",
     "policy_loss",
     "policy_target",
+    "rank_rows",
+    "rank_share",
     "reference_kl",
     "rl_step_metrics",
     "run_minibatch_updates",
@@ -92,8 +106,29 @@ LossFn = Callable[[Tensor, Counts], tuple[Tensor, dict[str, Tensor]]]
 
 ``loss`` is normalised by ``counts`` (so micro-batch losses add up to the minibatch loss);
 each metric is this micro-batch's share of a minibatch-level value (they are summed over
-micro-batches, then averaged over optimizer steps).
+micro-batches and data-parallel ranks, then averaged over optimizer steps).
 """
+
+MeanFn = Callable[[dict[str, float]], dict[str, float]]
+"""The mean of each value over data-parallel ranks (``Backend.all_reduce_mean``)."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among the data-parallel ranks of an update."""
+
+    rank: int = 0
+    world_size: int = 1
+    mean: MeanFn | None = None
+    """Mean over ranks (one collective); required when ``world_size > 1``."""
+
+    @classmethod
+    def of(cls, ctx: RunContext) -> DataParallel:
+        """The run's backend's ranks; one process for a single-device backend."""
+        backend = ctx.backend
+        if backend is None or not backend.distributed:
+            return cls()
+        return cls(int(backend.rank), int(backend.world_size), backend.all_reduce_mean)
 
 
 @dataclass
@@ -130,6 +165,15 @@ class PolicyLossSpec:
     """Coefficient of a KL-to-reference term in the loss; 0 keeps the KL out of the loss."""
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        # k1 = log pi - log ref has E_pi[grad k1] = E_pi[grad log pi] = 0: as a loss term it
+        # applies no penalty at all. k2 = (log pi - log ref)^2 / 2 has E_pi[grad k2] = grad KL.
+        if self.kl_coef > 0 and self.kl_estimator == "k1":
+            raise ConfigError(
+                "the k1 KL estimator has zero expected gradient, so as a loss term it applies "
+                "no penalty: use k2 (its gradient is exactly grad KL) or k3 for a KL in the loss"
+            )
 
     @classmethod
     def from_algorithm(cls, algo: Any, **terms: Any) -> PolicyLossSpec:
@@ -173,6 +217,7 @@ def run_minibatch_updates(
     seed: int = 0,
     lengths: Tensor | None = None,
     groups: Tensor | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict[str, float]:
     """Epochs x minibatches x gradient accumulation; returns metrics averaged over steps.
 
@@ -192,20 +237,26 @@ def run_minibatch_updates(
         groups: (B,) prompt group of each row. Given (in place of ``lengths``), the rows of
             each minibatch are ordered by group instead, so a packed forward (see
             :func:`policy_logprobs`) shares each prompt among its samples in a micro-batch.
+        parallel: this rank's place among data-parallel ranks; each trains on its share of
+            every minibatch (:func:`rank_share`). None: one process.
 
     Returns:
-        Each metric of ``loss_fn`` (summed over a minibatch's micro-batches) plus
-        ``loss/total`` and ``<target>/grad_norm``, averaged over all optimizer steps.
+        Each metric of ``loss_fn`` (summed over a minibatch's micro-batches and over ranks)
+        plus ``loss/total`` and ``<target>/grad_norm``, averaged over all optimizer steps, and
+        ``update/rows``: the rows of the batch this rank trained on (per epoch).
     """
     if minibatch_size < 1 or grad_accum_steps < 1:
         raise ConfigError(
             "algorithm.minibatch_size and algorithm.grad_accum_steps must be >= 1, got "
             f"{minibatch_size} and {grad_accum_steps}"
         )
-    totals: dict[str, float] = defaultdict(float)
-    steps = 0
+    parallel = parallel or DataParallel()
+    shares: dict[str, float] = defaultdict(float)  # shares of global values: summed over ranks
+    norms: dict[str, float] = defaultdict(float)  # already global on every rank
+    steps, rows_trained = 0, 0
     plan = minibatches(response_mask.shape[0], minibatch_size * grad_accum_steps, epochs, seed)
-    for epoch in plan:
+    _check_divisible(plan, parallel.world_size)
+    for index, epoch in enumerate(plan):
         for rows in epoch:
             counts = Counts(
                 num_tokens=float(response_mask[rows].sum().item()),
@@ -215,30 +266,101 @@ def run_minibatch_updates(
             for target in targets:
                 for optimizer in target.optimizers:
                     optimizer.zero_grad(set_to_none=True)
-            step_metrics: dict[str, float] = defaultdict(float)
+            mine = rank_share(rows, parallel.rank, parallel.world_size, lengths, groups)
+            rows_trained += len(mine) if index == 0 else 0
             ordered = (
-                length_sorted(rows, lengths, minibatch_size)
+                length_sorted(mine, lengths, minibatch_size)
                 if groups is None
-                else group_sorted(rows, groups, minibatch_size)
+                else group_sorted(mine, groups, minibatch_size)
             )
             for micro in ordered.split(minibatch_size):
                 loss, metrics = loss_fn(micro, counts)
-                loss.backward()
-                step_metrics["loss/total"] += loss.item()
+                # FSDP averages gradients over ranks; the shares must add up instead.
+                (loss * parallel.world_size if parallel.world_size > 1 else loss).backward()
+                shares["loss/total"] += loss.item()
                 for key, value in metrics.items():
-                    step_metrics[key] += float(value)
+                    shares[key] += float(value)
             for target in targets:
                 norm = torch.nn.utils.clip_grad_norm_(target.clipped(), target.max_grad_norm)
-                step_metrics[f"{target.name}/grad_norm"] = norm.item()
+                norms[f"{target.name}/grad_norm"] += norm.item()
                 for optimizer in target.optimizers:
                     # A non-finite loss or gradient skips this step (alignkit.guards) instead
                     # of writing NaN into the weights; the engine counts the skips.
                     guard_optimizer(optimizer)
                     optimizer.step()
-            for key, value in step_metrics.items():
-                totals[key] += value
             steps += 1
-    return {key: value / max(steps, 1) for key, value in totals.items()}
+    totals = {**_sum_over_ranks(shares, parallel), **norms}
+    out = {key: value / max(steps, 1) for key, value in totals.items()}
+    out["update/rows"] = float(rows_trained)
+    return out
+
+
+def rank_share(
+    rows: Tensor,
+    rank: int,
+    world_size: int,
+    lengths: Tensor | None = None,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """This rank's ``len(rows) / world_size`` rows of a global minibatch.
+
+    With ``groups`` the rows are ordered by prompt group and cut into contiguous shares, so a
+    group's samples stay together on a rank (a packed forward shares their prompt). With
+    ``lengths`` they are ordered longest first and dealt out in turn, so every rank gets
+    rows of similar lengths and no rank waits for another at the gradient reduction.
+    ``len(rows)`` must be a multiple of ``world_size`` (see :func:`_check_divisible`).
+    """
+    if world_size == 1:
+        return rows
+    if groups is not None:
+        ordered = rows[torch.sort(groups[rows], stable=True).indices]
+        return ordered.tensor_split(world_size)[rank]
+    if lengths is not None:
+        ordered = rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+        return ordered[rank::world_size]
+    return rows.tensor_split(world_size)[rank]
+
+
+def rank_rows(ctx: RunContext, num_rows: int) -> Tensor:
+    """This rank's contiguous share of ``range(num_rows)`` (all of it in one process).
+
+    For per-row work outside the update (a no-grad forward over the batch) that every rank
+    would otherwise repeat; :func:`gather_rows` puts the results back together. ``num_rows``
+    must split evenly (the engine's batch does), so every rank runs as many forwards.
+    """
+    parallel = DataParallel.of(ctx)
+    return torch.arange(num_rows).tensor_split(parallel.world_size)[parallel.rank]
+
+
+def gather_rows(ctx: RunContext, local: Tensor) -> Tensor:
+    """(b, ...) rows of :func:`rank_rows` -> (B, ...) rows of every rank, in rank order."""
+    if not ctx.backend.distributed:
+        return local
+    parts = ctx.backend.all_gather_object(local.detach().cpu())
+    return torch.cat(parts).to(local.device)
+
+
+def _check_divisible(plan: list[list[Tensor]], world_size: int) -> None:
+    """Every rank must run the same number of forwards (each is collective under FSDP), so
+    every minibatch splits into equal shares."""
+    if world_size == 1:
+        return
+    sizes = sorted({len(rows) for epoch in plan for rows in epoch})
+    bad = [n for n in sizes if n % world_size]
+    if bad:
+        raise ConfigError(
+            f"a minibatch of {bad[0]} rows does not split evenly over {world_size} ranks: "
+            "make algorithm.minibatch_size * algorithm.grad_accum_steps and the batch "
+            "(rl.prompts_per_step * rl.samples_per_prompt) multiples of the number of ranks"
+        )
+
+
+def _sum_over_ranks(values: dict[str, float], parallel: DataParallel) -> dict[str, float]:
+    """``values`` summed over ranks in one collective (every rank has the same keys)."""
+    if parallel.world_size == 1 or not values:
+        return dict(values)
+    assert parallel.mean is not None, "DataParallel.mean is required with world_size > 1"
+    return {k: v * parallel.world_size for k, v in parallel.mean(dict(values)).items()}
 
 
 def length_sorted(rows: Tensor, lengths: Tensor | None, minibatch_size: int) -> Tensor:
@@ -304,6 +426,7 @@ def run_update(
         # Packed forwards need no length sorting; grouping lets samples share their prompt.
         lengths=None if packed else batch.prompt_mask.sum(1) + batch.response_mask.sum(1),
         groups=batch.group_ids if packed else None,
+        parallel=DataParallel.of(ctx),
     )
     if ctx.optimizer is not None:
         metrics["lr"] = float(ctx.optimizer.param_groups[0]["lr"])  # the rate this step used

@@ -1,4 +1,4 @@
-"""Range checks of numeric config values, run once after composition and before any model loads.
+"""Checks of config values, run once after composition and before any model loads.
 
 The structured configs check names and types; they cannot say that ``rl.prompts_per_step=0``
 or ``rl.top_p=1.5`` is meaningless. Without this check such a value fails only after the model
@@ -8,6 +8,13 @@ an RL step with no prompts, a division by a zero ``log_every``).
 :func:`check_config_ranges` raises :class:`~alignkit.errors.ConfigError` naming the first key
 out of range and the allowed range. Keys absent from the config (another algorithm's node, a
 reward that is not selected) and null values (``null`` means "derive it") are skipped.
+
+It then runs :func:`check_rl_settings`: RL settings that are each in range but train the wrong
+thing, silently, in the stages that sample RL rollouts:
+
+* a k1 KL estimate in the loss (zero expected gradient: no penalty at all);
+* top-k / top-p rollouts, whose recorded old log-probs are the full distribution's;
+* one sample per prompt for an algorithm whose baseline is the prompt's group.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from alignkit.errors import ConfigError
 
-__all__ = ["RANGES", "check_config_ranges"]
+__all__ = [
+    "GROUP_ALGORITHMS",
+    "RANGES",
+    "check_config_ranges",
+    "check_rl_settings",
+    "loss_kl_estimator",
+    "require_groups",
+]
 
 # A range is a predicate and the words the error uses for it.
 Range = tuple[Callable[[float], bool], str]
@@ -207,3 +221,123 @@ def check_config_ranges(cfg: Any) -> None:
         if not math.isfinite(value) or not ok(value):
             shown = int(value) if value.is_integer() else value
             raise ConfigError(f"{key}={shown}: must be {words}")
+    # In range, each value can still be wrong together with the others.
+    check_rl_settings(config)
+
+
+# --------------------------------------------------------------------------------------------
+# RL settings that train the wrong thing
+# --------------------------------------------------------------------------------------------
+
+RL_FREE_STAGES = frozenset(
+    {"sft", "eval", "feedback", "reward_model", "judge", "critique_revision"}
+)
+"""Stages that sample no RL rollouts, so never read ``rl.*``; every other stage (``rl``,
+``pipeline``, one a plugin registers) is checked."""
+
+GROUP_ALGORITHMS: dict[str, str] = {
+    "grpo": "each group-standardised advantage is then 0 and nothing trains",
+    "rloo": "the leave-one-out baseline then has no other sample to average",
+}
+"""Algorithms whose baseline is the other samples of the same prompt -> why one is not enough."""
+
+
+def require_groups(algorithm: str, group_size: int) -> None:
+    """Raise :class:`ConfigError` when ``algorithm`` (a :data:`GROUP_ALGORITHMS` key) gets
+    groups of fewer than 2 samples; its advantage hook calls it on every batch."""
+    if group_size < 2:
+        raise ConfigError(
+            f"algorithm={algorithm} needs rl.samples_per_prompt >= 2, got groups of "
+            f"{group_size}: {GROUP_ALGORITHMS[algorithm]}"
+        )
+
+
+def loss_kl_estimator(cfg: Any) -> tuple[str, str] | None:
+    """``(key, estimator)`` of the KL estimate the algorithm puts in its loss, or None when the
+    KL is not in the loss (it is in the reward, or ``rl.kl_coef=0`` drops it).
+
+    By convention an algorithm node's own ``kl_estimator`` field estimates a KL term of its
+    loss (GRPO), and ``kl_in_loss=true`` moves ``rl.kl_estimator``'s KL from the reward into
+    the loss (PPO).
+    """
+    config = _as_config(cfg)
+    coef = _get(config, "rl.kl_coef")
+    if isinstance(coef, int | float) and float(coef) == 0:
+        return None
+    own = _get(config, "algorithm.kl_estimator")
+    if own is not None:
+        return "algorithm.kl_estimator", str(own)
+    if _get(config, "algorithm.kl_in_loss") is True:
+        estimator = _get(config, "rl.kl_estimator")
+        return ("rl.kl_estimator", str(estimator)) if estimator is not None else None
+    return None
+
+
+def check_rl_settings(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming the key, its value and the fix when the RL settings
+    would train something other than what they say (see the module docstring)."""
+    config = _as_config(cfg)
+    stage = _get(config, "stage")
+    if stage is not None and str(stage) in RL_FREE_STAGES:
+        return
+    _check_loss_kl(config)
+    _check_truncated_sampling(config)
+    _check_group_size(config)
+
+
+def _check_loss_kl(cfg: DictConfig) -> None:
+    # With y ~ pi, E[grad k1] = E[grad log pi(y)] = grad sum_y pi(y) = 0: a k1 term in the loss
+    # adds noise and no penalty. In the reward it is right: there it is a return, not a loss.
+    found = loss_kl_estimator(cfg)
+    if found is None or found[1] != "k1":
+        return
+    key, _ = found
+    if key == "rl.kl_estimator":
+        where = "with algorithm.kl_in_loss=true"
+        escape = "or algorithm.kl_in_loss=false (KL in the reward, where k1 is right)"
+    else:
+        name, coef = _get(cfg, "algorithm.name"), _get(cfg, "rl.kl_coef")
+        where = f"(algorithm={name}, KL in the loss with rl.kl_coef={coef})"
+        escape = "or rl.kl_coef=0 (no KL term)"
+    raise ConfigError(
+        f"{key}=k1 {where}: a k1 KL term in the loss has zero expected gradient "
+        f"(E[grad log pi] = 0), so it applies no penalty; use {key}=k2 (its gradient is "
+        f"exactly the gradient of KL(pi || ref)) or k3 (that of KL(ref || pi)), {escape}"
+    )
+
+
+def _check_truncated_sampling(cfg: DictConfig) -> None:
+    # The rollout records log-probs of the full temperature-scaled distribution (what the
+    # update recomputes, so the ratio starts at 1), not of the truncated one it samples from.
+    top_k, top_p = _get(cfg, "rl.top_k"), _get(cfg, "rl.top_p")
+    truncated = []
+    if isinstance(top_k, int) and top_k > 0:
+        truncated.append(f"rl.top_k={top_k}")
+    if isinstance(top_p, int | float) and top_p < 1:
+        truncated.append(f"rl.top_p={top_p}")
+    if not truncated or _get(cfg, "rl.allow_truncated_sampling") is True:
+        return
+    raise ConfigError(
+        f"{', '.join(truncated)}: RL rollouts would be sampled from a truncated distribution "
+        "while their old log-probs are the full distribution's, so every update is off-policy "
+        "by the truncation; use rl.top_k=0 and rl.top_p=1.0, or set "
+        "rl.allow_truncated_sampling=true to accept it (as TRL and verl do)"
+    )
+
+
+def _check_group_size(cfg: DictConfig) -> None:
+    name, size = _get(cfg, "algorithm.name"), _get(cfg, "rl.samples_per_prompt")
+    if str(name) not in GROUP_ALGORITHMS or not isinstance(size, int) or size >= 2:
+        return
+    raise ConfigError(
+        f"rl.samples_per_prompt={size} with algorithm={name}: the baseline is each prompt's "
+        f"group of samples, and {GROUP_ALGORITHMS[str(name)]}; use rl.samples_per_prompt >= 2"
+    )
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """:func:`_select`, with None for a value whose interpolation fails (reported where read)."""
+    try:
+        return _select(cfg, key)
+    except OmegaConfBaseException:
+        return None

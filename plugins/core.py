@@ -46,6 +46,16 @@ def policy_format(ctx: RunContext) -> PromptFormat:
     return fmt
 
 
+def _global_rows(ctx: RunContext, rows: int) -> tuple[int, int]:
+    """``(offset, total)`` of this rank's ``rows`` in the step's global batch.
+
+    The engine gives every rank an equal contiguous share of the step's prompts, so rank r's
+    rows start at ``r * rows`` of ``world_size * rows``: sampling then draws what one process
+    would draw for them (:func:`alignkit.generation.sample_from`).
+    """
+    return ctx.backend.rank * rows, ctx.backend.world_size * rows
+
+
 @hookimpl(trylast=True)
 def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
     """Sample ``rl.samples_per_prompt`` responses per prompt with the current policy.
@@ -77,6 +87,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         top_k=int(rl.top_k),
         top_p=float(rl.top_p),
         generator=ctx.generator,
+        rows=_global_rows(ctx, ids.shape[0]),
     )
     policy.train(was_training)
     generated = time.perf_counter()
@@ -85,7 +96,7 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         prompt_mask=mask,
         response_ids=out.response_ids,
         response_mask=out.response_mask.float(),
-        group_ids=torch.arange(len(records)).repeat_interleave(group),
+        group_ids=torch.arange(len(records), device=ctx.device).repeat_interleave(group),
         prompts=[t for t in texts for _ in range(group)],
         responses=decode_responses(tok, out.response_ids, out.response_mask, fmt.stop_ids),
         records=[r for r in records for _ in range(group)],

@@ -3,8 +3,10 @@
 A response cut off at ``rl.max_new_tokens`` is usually an unfinished ramble; a learned reward
 model can still score it well, and the policy learns to exploit that (Huang et al. 2024, "The
 N implementation details of RLHF with PPO", detail 23). The component is 1 for a truncated
-response and 0 otherwise; its weight is the (negative) penalty, e.g.
-``reward.eos_penalty.weight=-1``.
+response and 0 otherwise (``Rollout.finished``, set by the rollout); its weight is the
+(negative) penalty, e.g. ``reward.eos_penalty.weight=-1``. Learned reward models see the
+truncation too: they score a cut response without EOS
+(:func:`alignkit.reward_models.encode_parts`).
 """
 
 from __future__ import annotations

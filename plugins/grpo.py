@@ -13,6 +13,10 @@ The objective (eq. 3), maximised, with ``rho = pi / pi_old`` per token::
 The KL to the reference is a term of the loss, not of the reward (k3 estimator, eq. 4;
 ``beta = rl.kl_coef``, 0 drops it and the reference forward). ``agg`` is the paper's
 per-sequence mean of token means (``seq_mean_token_mean``) or a token mean (``token_mean``).
+
+Refused at config time (:mod:`alignkit.validate`): ``rl.samples_per_prompt=1``, where every
+advantage is 0, and ``algorithm.kl_estimator=k1``, whose term in the loss has zero expected
+gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from alignkit.training import (
     reference_kl,
     rl_step_metrics,
 )
+from alignkit.validate import require_groups
 
 
 @dataclass
@@ -41,7 +46,8 @@ class GRPOConfig(ClippedPGConfig):
     loss_agg: str = "seq_mean_token_mean"
     """token_mean | seq_mean_token_mean (the paper) | seq_mean_token_sum_norm."""
     kl_estimator: str = "k3"
-    """Estimator of the KL term in the loss (k3 in the paper)."""
+    """Estimator of the KL term in the loss: k3 (the paper's) or k2 (its gradient is exactly
+    that of KL(pi || ref)); k1 is refused, its expected gradient being zero."""
 
 
 @hookimpl
@@ -52,6 +58,8 @@ def register_configs(config_store: ConfigStore) -> None:
 @hookimpl
 def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
     assert batch.rewards is not None
+    # A group of one is its own mean: every advantage would be 0 and nothing would train.
+    require_groups("grpo", batch.group_size)
     algo = ctx.cfg.algorithm
     adv = group_normalized_advantages(batch.rewards, batch.group_ids, bool(algo.scale_rewards))
     batch.advantages = adv[:, None] * batch.response_mask

@@ -41,6 +41,7 @@ from alignkit.kl_control import KLController, kl_controller_from_state, save_kl_
 from alignkit.models import (
     ScalarHeadModel,
     disable_dropout,
+    float32_lm_head,
     pack_rollout,
     position_ids_from_mask,
     response_read,
@@ -61,9 +62,11 @@ from alignkit.training import (
     Counts,
     OptimTarget,
     PolicyLossSpec,
+    gather_rows,
     policy_logprobs,
     policy_loss,
     policy_target,
+    rank_rows,
     reference_kl,
     rl_step_metrics,
     run_update,
@@ -265,7 +268,8 @@ def _forward(
     seq, seq_mask = batch.sequences()
     seq, seq_mask = seq[rows], seq_mask[rows]
     start, length = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    out = _policy_forward(ctx, seq, seq_mask, keep=length + 1)
+    with float32_lm_head(ctx.policy):  # log-probs from unrounded logits under bf16 autocast
+        out = _policy_forward(ctx, seq, seq_mask, keep=length + 1)
     temperature = float(ctx.cfg.rl.temperature)
     logits = out.logits[:, -(length + 1) : -1]
     logp = logprobs_from_logits(logits, seq[:, start:], temperature).masked_fill(~valid, 0.0)
@@ -276,18 +280,23 @@ def _forward(
 
 @torch.no_grad()
 def rollout_values(ctx: RunContext, batch: Rollout, critic: ValueState) -> Tensor:
-    """(B, R) values of the batch at rollout time (no grad), in minibatch-sized chunks."""
+    """(B, R) values of the batch at rollout time (no grad), in minibatch-sized chunks.
+
+    Data parallel: each rank runs the critic on its share of the rows (:func:`rank_rows`)
+    and the values are gathered.
+    """
     seq, seq_mask = batch.sequences()
     start = batch.prompt_ids.shape[1]
     chunks = []
-    for rows in torch.arange(batch.num_rows).split(int(ctx.cfg.algorithm.minibatch_size)):
+    for rows in rank_rows(ctx, batch.num_rows).split(int(ctx.cfg.algorithm.minibatch_size)):
         if critic.kind == "separate":
             chunks.append(_critic_values(critic.module, batch, rows))
         else:
             # shared: the head reads the policy's hidden states; one logit column suffices.
             out = _policy_forward(ctx, seq[rows], seq_mask[rows], keep=1)
             chunks.append(_head_values(critic.module, out.hidden_states[-1][:, start - 1 : -1]))
-    return torch.where(batch.response_mask != 0, torch.cat(chunks), 0.0)
+    values = gather_rows(ctx, torch.cat(chunks))
+    return torch.where(batch.response_mask != 0, values, 0.0)
 
 
 def kl_controller(ctx: RunContext) -> KLController:
@@ -420,6 +429,9 @@ def train_critic(
         targets=[target],
         step_schedule=False,
     )
+    if ctx.backend.distributed:
+        # Each rank filled the rows it trained on (every row once: one step, one epoch).
+        values = ctx.backend.all_reduce(values, "sum")
     keys = ("loss/total", "loss/value", "value/clipfrac", "value/grad_norm")
     return values, {k: metrics[k] for k in keys}
 

@@ -14,6 +14,8 @@ with the ratio ``rho = pi / pi_old`` and PPO's clip so that further passes over 
     L = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) )
 
 On the first minibatch ``rho = 1`` and the gradient is exactly the REINFORCE gradient.
+``rl.samples_per_prompt=1`` (no other sample to leave out) is refused at config time
+(:mod:`alignkit.validate`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from hydra.core.config_store import ConfigStore
 
 from alignkit import Rollout, RunContext, hookimpl
 from alignkit.config import store_algorithm
-from alignkit.errors import ConfigError
 from alignkit.ops import leave_one_out_baseline
 from alignkit.training import (
     ClippedPGConfig,
     kl_in_reward_update,
     reference_kl,
 )
+from alignkit.validate import require_groups
 
 
 @dataclass
@@ -49,8 +51,7 @@ def register_configs(config_store: ConfigStore) -> None:
 @hookimpl
 def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
     assert batch.rewards is not None
-    if batch.group_size < 2:
-        raise ConfigError("algorithm=rloo needs rl.samples_per_prompt >= 2")
+    require_groups("rloo", batch.group_size)
     kl_coef = float(ctx.cfg.rl.kl_coef)
     kl_seq = reference_kl(batch, "k1").sum(1)
     # The KL is part of the reward before the baseline, so the baseline also centres it.

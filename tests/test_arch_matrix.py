@@ -104,8 +104,8 @@ RL_CASES = _rl_cases()
 # The loss metrics each algorithm must log every step (default ``loss/policy``).
 ALGORITHM_LOSSES = {"ppo": ("loss/policy", "loss/value"), "grpo": ("loss/policy", "kl/loss")}
 # The FSDP cases: PPO with a separate critic (two sharded models, GAE, the clipped update)
-# and REINFORCE++ (the critic-free clipped update). Decoding is arg-max (rl.top_k=1) so two
-# ranks and one process sample the same responses (see tests/test_fsdp.py).
+# and REINFORCE++ (the critic-free clipped update). Two ranks and one process sample the same
+# responses (sampling does not depend on the number of ranks).
 FSDP_CASES = {
     "ppo-separate": [
         "algorithm=ppo",
@@ -117,6 +117,29 @@ FSDP_CASES = {
 # Float sums in another order (sharded gradients, their norm): measured up to 1.3e-5 relative
 # on gradient norms, 1.5e-6 absolute on a KL of ~1e-6.
 RTOL, ATOL = 5e-5, 1e-5
+
+
+def assert_weights_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], adam_steps: int, lr: float = 1e-4
+) -> None:
+    """Final weights of two runs that differ only in the order of float sums.
+
+    Every element within 2e-5 (rounding grown by a few Adam steps), except a few whose
+    gradient is at the rounding level: Adam divides by sqrt(v), so noise-sized gradients take
+    steps of up to ``lr`` whose sign differs between the runs. Attention key biases are all
+    such (their exact gradient is 0: softmax ignores a per-query constant); elsewhere a
+    gradient that happens to be ~0 is rare. Those get the bound of ``adam_steps`` steps, for
+    key biases in full and elsewhere for at most 0.5% of a tensor's elements.
+    """
+    assert a.keys() == b.keys()
+    bound = adam_steps * lr * 1.1
+    for name in a:
+        diff = (a[name].double() - b[name].double()).abs()
+        assert diff.max() <= bound, (name, diff.max().item(), bound)
+        if name.endswith(("c_attn.bias", "k_proj.bias", "query_key_value.bias")):
+            continue
+        loose = int((diff > 2e-5 + RTOL * b[name].abs()).sum())
+        assert loose <= max(1, diff.numel() // 200), (name, loose, diff.numel())
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +456,6 @@ def _fsdp_args(case: str, sft: Path, rm: Path) -> list[str]:
         f"reward.bradley_terry.path={rm}",
         *[o.format(rm=rm) for o in FSDP_CASES[case]],
         *RL_BUDGET,
-        "rl.top_k=1",
     ]
 
 
@@ -455,13 +477,19 @@ def fsdp_runs(pipeline: Once, tmp_path_factory: pytest.TempPathFactory) -> dict[
                 {"run_dir": str(run_dir), "overrides": ["logger=none", *args, "backend=fsdp"]}
             )
             out[f"{arch}-{case}"] = run_dir
+    out["log"] = launch_on_two_ranks(runs, root)
+    return out
+
+
+def launch_on_two_ranks(runs: list[dict[str, Any]], root: Path) -> str:
+    """Every ``{"run_dir", "overrides"}`` run in one torchrun launch of 2 gloo ranks
+    (tests/arch_matrix_fsdp.py); returns the launcher's exit code and the end of its log."""
     spec = root / "runs.json"
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(REPO / "tests" / "arch_matrix_fsdp.py"), str(spec)]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
-    out["log"] = f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
-    return out
+    return f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("case", list(FSDP_CASES))
@@ -485,6 +513,12 @@ def test_fsdp_two_ranks_match_one_process(
     got, want = rows(run_dir, "rl"), rows(tmp_path, "rl")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1]
     for g, w in zip(got, want, strict=True):
+        # Data parallel: each rank trained on half of the batch's rows.
+        assert g.pop("update/rows") * 2 == w.pop("update/rows") == 8.0
+        # A clip fraction counts tokens past a boundary: a ratio or value sitting on it may
+        # fall either side under float sums in another order (1 token of 56 was seen).
+        for key in [k for k in w if k.endswith("clipfrac")]:
+            assert abs(g.pop(key) - w.pop(key)) <= 0.05, key
         keys = sorted(k for k, v in w.items() if isinstance(v, float) and "time/" not in k)
         assert keys == sorted(k for k, v in g.items() if isinstance(v, float) and "time/" not in k)
         torch.testing.assert_close(
@@ -496,17 +530,9 @@ def test_fsdp_two_ranks_match_one_process(
                 m + "\n" + "\n".join(f"{k}: {g[k]} vs {w[k]}" for k in keys if g[k] != w[k])
             ),
         )
-    # Final weights: 2e-5 (float sums in another order, grown by two Adam steps), except
-    # attention key biases: their exact gradient is 0 (softmax ignores a per-query constant),
-    # so Adam turns rounding noise into steps of up to lr = 1e-4 that differ between the runs
-    # (see tests/test_fsdp.py): they get the bound of those steps.
     a = load_file(run_dir / "rl" / "policy" / "model.safetensors")
     b = load_file(tmp_path / "rl" / "policy" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        key_bias = name.endswith(("c_attn.bias", "k_proj.bias", "query_key_value.bias"))
-        atol = 3e-4 if key_bias else 2e-5
-        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=atol, msg=name)
+    assert_weights_close(a, b, adam_steps=4)
     ckpt_root = run_dir / "rl" / "checkpoints"
     ckpt = ckpt_root / (ckpt_root / "latest").read_text().strip()
     assert (ckpt / "dcp" / ".metadata").is_file()

@@ -61,7 +61,8 @@ _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 GPU = "needs a CUDA GPU (none here)"
 HUB = "downloads a model from the Hugging Face hub (no network here)"
 TORCHRUN_NODE = (
-    "8 ranks on several nodes; tests/test_fsdp.py runs backend=fsdp on 2 gloo ranks instead"
+    "8 ranks on several nodes; tests/test_fsdp.py runs backend=fsdp on 2 gloo ranks and "
+    "tests/test_multinode.py on 2 simulated nodes instead"
 )
 SLURM = "needs a SLURM cluster (sbatch, srun, scontrol)"
 
@@ -148,10 +149,13 @@ ALLOWED: dict[str, str] = {
     "--rdzv_id=alignkit-job-1 -m alignkit.cli backend=fsdp run_dir=/shared/runs/job-1": (
         TORCHRUN_NODE
     ),
-    'MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)': SLURM,
-    'srun torchrun --nnodes="$SLURM_NNODES" --nproc_per_node=8 --rdzv_backend=c10d '
-    '--rdzv_endpoint="$MASTER:29500" --rdzv_id="$SLURM_JOB_ID" -m alignkit.cli backend=fsdp '
-    "stage=rl model.path=/shared/sft run_dir=/shared/runs/$SLURM_JOB_NAME rl.resume=true": SLURM,
+    "torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER "
+    "--master_port=29500 -m alignkit.cli backend=fsdp run_dir=/shared/runs/job-1": TORCHRUN_NODE,
+    "sbatch --nodes=4 --gpus-per-node=8 scripts/slurm_multinode.sbatch stage=rl "
+    "model.path=/shared/sft run_dir=/shared/runs/rl-1": f"{SLURM}; tests/test_multinode.py runs "
+    "the script with stand-ins for srun and scontrol",
+    "for seed in 0 1 2; do sbatch --nodes=2 scripts/slurm_multinode.sbatch stage=rl "
+    "model.path=/shared/sft seed=$seed run_dir=/shared/runs/rl-seed$seed; done": SLURM,
     "alignkit export outputs/run/rl/checkpoints/step_000040 exported/": "needs the 40-step "
     "FSDP run of the section above; tests/test_fsdp.py::"
     "test_fsdp_checkpoint_is_sharded_and_exports_to_a_loadable_hf_folder runs the same export",

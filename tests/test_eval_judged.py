@@ -276,12 +276,18 @@ class WordCountScorer:
     def __init__(self) -> None:
         self.prompts: list[str] = []
         self.conversations: list[Any] = []
+        self.finished: list[Any] = []
 
     def score(
-        self, prompts: Sequence[str], responses: Sequence[str], conversations: Any = None
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        conversations: Any = None,
+        finished: Any = None,
     ) -> torch.Tensor:
         self.prompts += list(prompts)
         self.conversations += list(conversations) if conversations is not None else []
+        self.finished.append(finished)
         return torch.tensor([float(len(r.split())) for r in responses])
 
 
@@ -295,6 +301,9 @@ def test_rm_win_rate_equals_the_hand_count(policies: Policies, tmp_path: Path) -
     pairs = zip(words_pol, words_base, strict=True)
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
     assert summary["rm_win_rate"] == pytest.approx(wins / PAIRS)
+    # Whether each response ended reaches the reward model (a cut one is scored unterminated).
+    assert [len(f) for f in scorer.finished] == [PAIRS, PAIRS]
+    assert all(isinstance(v, bool) for f in scorer.finished for v in f)
     assert summary["rm_score_policy"] == pytest.approx(sum(words_pol) / PAIRS)
     assert summary["rm_score_baseline"] == pytest.approx(sum(words_base) / PAIRS)
     assert [r["policy rm"] for r in rows] == words_pol
@@ -360,9 +369,22 @@ def test_reward_model_only_evaluation_scores_with_the_saved_model(
     rows = table(tmp_path)
     scorer = RewardScorer(ScalarHeadModel.from_pretrained(rm_folder / "rm"), policies.tokenizer)
     prompts = [TASK.format_prompt(record_of(r["prompt"])) for r in rows]
-    r_pol = scorer.score(prompts, [r["policy"] for r in rows]).tolist()
-    r_base = scorer.score(prompts, [r["baseline"] for r in rows]).tolist()
-    assert [r["policy rm"] for r in rows] == pytest.approx([round(v, 3) for v in r_pol])
+
+    def scores(side: str) -> list[float]:
+        """Each row scored as the saved model scores it: a response that ended with EOS, or
+        one cut at the length limit, which is scored unterminated (the table does not say
+        which, so the recorded value must be one of the two)."""
+        texts = [r[side] for r in rows]
+        ended = scorer.score(prompts, texts, finished=[True] * len(texts)).tolist()
+        cut = scorer.score(prompts, texts, finished=[False] * len(texts)).tolist()
+        out = []
+        for row, a, b in zip(rows, ended, cut, strict=True):
+            recorded = row[f"{side} rm"]
+            assert recorded in (pytest.approx(round(a, 3)), pytest.approx(round(b, 3)))
+            out.append(a if recorded == pytest.approx(round(a, 3)) else b)
+        return out
+
+    r_pol, r_base = scores("policy"), scores("baseline")
     assert summary["rm_score_policy"] == pytest.approx(sum(r_pol) / PAIRS, abs=1e-5)
     assert summary["rm_win_rate"] == pytest.approx(win_rate(r_pol, r_base))
     assert summary["win_rate_source"] == "reward_model"

@@ -7,7 +7,8 @@ group of size one. A backend owns
 * model preparation: device placement, gradient checkpointing, wrapping (FSDP2) and mixed
   precision (bf16 autocast or FSDP's ``MixedPrecisionPolicy`` on CUDA, fp32 on the CPU),
 * collectives: ``all_reduce``, the mean of metrics across ranks, gathering objects, barriers,
-* per-rank seeding (the sampling generator is seeded with ``seed + rank``),
+* seeding (the sampling generator lives on the backend's device and has the same seed on
+  every rank: each rank uses its own rows' draws of the global batch),
 * the model/optimizer part of checkpoints (plain state dicts on one device, sharded
   ``torch.distributed.checkpoint`` under FSDP) and full weights for export.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,16 +87,19 @@ class Backend:
         """Leave the process group (no-op on one device)."""
 
     def seed(self, seed: int) -> torch.Generator:
-        """Seed Python and torch with ``seed``; return the sampling generator (``seed + rank``).
+        """Seed Python and torch with ``seed``; return the sampling generator.
 
         The global RNGs get the same seed on every rank so that models initialised from them
-        (a fresh value head) agree; the sampling generator differs per rank so that ranks
-        draw different samples for their shares of the prompts.
+        (a fresh value head) agree. So does the sampling generator: every rank draws the
+        numbers of the whole global batch and uses its own rows' (``generate(rows=...)``), so
+        a run samples the same responses on any number of ranks. It lives on :attr:`device`,
+        where sampling draws (a CPU generator cannot draw on a GPU); on the CPU it is the
+        generator ``torch.Generator()`` gives, so CPU runs draw what they always drew.
         """
         random.seed(seed)
         torch.manual_seed(seed)
-        generator = torch.Generator()
-        generator.manual_seed(seed + self.rank)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
         return generator
 
     # ------------------------------------------------------------------------------------------
@@ -193,16 +198,46 @@ class Backend:
     def load_model_state(
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> None:
-        """Restore what :meth:`save_model_state` wrote."""
+        """Restore what :meth:`save_model_state` wrote, or a sharded (``backend=fsdp``)
+        checkpoint's ``dcp/`` read back whole in this one process."""
         from safetensors.torch import load_model
 
+        if not (directory / "model.safetensors").is_file() and (directory / "dcp").is_dir():
+            self._load_sharded(directory / "dcp", model, optimizer)
+            return
         load_model(model, str(directory / "model.safetensors"), device=str(self.device))
         state = torch.load(directory / "optimizer.pt", weights_only=True)
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
 
+    def _load_sharded(
+        self, dcp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """A ``torch.distributed.checkpoint`` state (any number of writer ranks) into a plain
+        model and optimizer; read with the restricted loader of :mod:`alignkit.safe_dcp`."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from alignkit.safe_dcp import load_dcp_state
+
+        optimizers = optimizer if optimizer is not None else []
+        model_sd, optim_sd = get_state_dict(model, optimizers)
+        state: dict[str, Any] = {"model": model_sd}
+        if optimizer is not None:
+            state["optimizer"] = optim_sd
+        load_dcp_state(state, dcp_dir)
+        set_state_dict(
+            model,
+            optimizers,
+            model_state_dict=state["model"],
+            optim_state_dict=state.get("optimizer", {}),
+        )
+
     def rng_state(self, generator: torch.Generator | None) -> dict[str, Any]:
-        """This rank's RNG states: torch (CPU and CUDA), Python and the sampling generator."""
+        """This rank's RNG states: torch (CPU and CUDA), Python and the sampling generator.
+
+        Every state is a CPU byte tensor (a CUDA generator's ``get_state`` is one too), so
+        the file loads with ``weights_only=True`` on any machine.
+        """
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_rng()}
         if torch.cuda.is_available() and self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -217,7 +252,7 @@ class Backend:
         if "cuda" in state and torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
         if generator is not None and "generator" in state:
-            generator.set_state(state["generator"])
+            _set_generator_state(generator, state["generator"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}/{self.world_size}, device={self.device})"
@@ -242,6 +277,27 @@ def _enable_checkpointing(model: nn.Module) -> None:
         raise ConfigError(
             f"backend.gradient_checkpointing: {type(model).__name__} does not support it"
         )
+
+
+def _set_generator_state(generator: torch.Generator, saved: torch.Tensor) -> None:
+    """Restore the sampling generator, unless ``saved`` is another device type's state.
+
+    A CPU generator's state (Mersenne Twister, 5056 bytes) and a CUDA one's (Philox seed and
+    offset, 16 bytes) cannot be loaded into each other. A run resumed on another kind of
+    device could not repeat the same samples anyway (other kernels, other streams), so the
+    freshly seeded generator is kept and that is said.
+    """
+    current = generator.get_state()
+    if saved.shape != current.shape:
+        warnings.warn(
+            f"the checkpoint's sampling generator state ({saved.numel()} bytes) is not a "
+            f"{generator.device.type} generator's ({current.numel()} bytes): it was saved on "
+            "another kind of device; sampling continues from the generator seeded with "
+            "`seed`, so the samples differ from an uninterrupted run",
+            stacklevel=3,
+        )
+        return
+    generator.set_state(saved)
 
 
 def _python_rng() -> torch.Tensor:

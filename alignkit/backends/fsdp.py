@@ -6,7 +6,10 @@ applies ``fully_shard`` to every transformer block and then to the root (the ord
 torchtitan's ``parallelize`` uses: blocks first, so each block's parameters are gathered only
 around its own forward/backward, and the root last, so it owns what is left: embeddings,
 final norm, the (tied) LM head). On CUDA parameters compute in bf16 with fp32 gradient
-reduction (``MixedPrecisionPolicy``); on the CPU everything stays fp32.
+reduction (``MixedPrecisionPolicy``); on the CPU everything stays fp32. Log-probs and
+sampling logits still come from an fp32 product of the (bf16) final hidden states and head
+weights (:func:`alignkit.models.float32_lm_head`), not from bf16 logits. Each rank's
+sampling generator lives on its own device.
 
 Checkpoints are sharded: every rank writes its shards with ``torch.distributed.checkpoint``
 (DCP), so no rank ever holds the full model or optimizer state.

@@ -18,8 +18,7 @@ from alignkit.tiny_models import build_tiny_causal_lm, tiny_arch_spec
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python and torch; return a dedicated generator for sampling.
 
-    The single-process case of :meth:`alignkit.backends.Backend.seed` (which seeds the
-    generator with ``seed + rank``).
+    The single-process case of :meth:`alignkit.backends.Backend.seed`.
     """
     random.seed(seed)
     torch.manual_seed(seed)

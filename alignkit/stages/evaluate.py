@@ -195,11 +195,14 @@ def _rm_scores(
     prompts: Sequence[str],
     responses: Sequence[str],
     conversations: Sequence[Conversation] | None = None,
+    finished: Sequence[bool] | None = None,
 ) -> list[float]:
     """(B,) reward-model scores; each conversation is re-rendered in the reward model's own
-    format (its tokenizer and chat template)."""
+    format (its tokenizer and chat template), and a response cut at the length limit
+    (``finished`` False) is scored unterminated, as in RL."""
     convs = None if conversations is None else list(conversations)
-    return [float(v) for v in scorer.score(list(prompts), list(responses), convs).tolist()]
+    scores = scorer.score(list(prompts), list(responses), convs, finished)
+    return [float(v) for v in scores.tolist()]
 
 
 def _judge_probs(
@@ -323,8 +326,8 @@ def _judge_samples(
     if ev.scorer is not None:
         raw = template_mode(ctx.cfg) == "raw"
         convs = [conversation(ctx.task, r, raw) for r in records]
-        r_pol = _rm_scores(ev.scorer, texts, pol.responses, convs)
-        r_base = _rm_scores(ev.scorer, texts, base.responses, convs)
+        r_pol = _rm_scores(ev.scorer, texts, pol.responses, convs, pol.finished)
+        r_base = _rm_scores(ev.scorer, texts, base.responses, convs, base.finished)
         scores["baseline"]["rm"], scores["policy"]["rm"] = r_base, r_pol
         rates["reward_model"] = win_rate(r_pol, r_base)
         summary["rm_score_policy"] = sum(r_pol) / len(r_pol)

@@ -23,6 +23,7 @@ from alignkit.errors import ConfigError
 from alignkit.guards import check_finite_parameters
 from alignkit.io import WriteError, write_error
 from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
+from alignkit.models import disable_dropout
 from alignkit.optim import adamw
 from alignkit.run_lock import run_guard
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
@@ -50,6 +51,28 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def switch_off_dropout(policy: torch.nn.Module, lora_dropout: float = 0.0) -> None:
+    """Set every dropout rate of ``policy`` to 0, LoRA's adapter dropout included; say so
+    when one was not 0.
+
+    Every algorithm's update compares log-probs of the rollout's tokens with those recorded
+    at sampling time (the ratio ``pi / pi_old``, or the on-policy gradient): the policy
+    trains in train mode, where dropout noise would move the first minibatch's ratio away
+    from 1 with unchanged weights. ``load_causal_lm`` already zeroes the base model's rates;
+    ``model.lora.dropout`` adds ``nn.Dropout`` modules after it.
+    """
+    # _DropoutNd is the base of every torch dropout module (peft's lora_dropout is one).
+    dropouts = [m for m in policy.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    active = sorted({float(m.p) for m in dropouts if m.p > 0})
+    disable_dropout(policy)
+    if active:
+        source = f"model.lora.dropout={lora_dropout:g}" if lora_dropout > 0 else "the model"
+        console.print(
+            f"RL: dropout {', '.join(f'{p:g}' for p in active)} ({source}) switched off: "
+            "the update's log-probs must match the rollout's"
+        )
+
+
 def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
     """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler."""
     rl, backend = ctx.cfg.rl, ctx.backend
@@ -60,7 +83,6 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
             "use backend=single_gpu (LoRA already keeps the trained state small)"
         )
     policy, tokenizer = load_model(ctx, policy_path)
-    # Dropout stays off (load_causal_lm disables it): log-probs must be deterministic.
     policy.train()
     if int(lora.r) > 0:
         policy = apply_lora(
@@ -70,6 +92,8 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
             dropout=float(lora.dropout),
             target_modules=lora_targets(lora.target_modules),
         )
+    # Before the reference is copied from it, and whatever the algorithm.
+    switch_off_dropout(policy, float(lora.dropout) if int(lora.r) > 0 else 0.0)
     use_ref = float(rl.kl_coef) > 0
     if backend.sharded:
         # Shard the policy first, then load the reference afresh and shard it: at most one
