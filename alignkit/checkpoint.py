@@ -74,11 +74,15 @@ FINGERPRINT_KEYS = (
     "rl.kl_coef",
     "rl.kl_estimator",
     "rl.optim",
+    "rollout.name",
+    "rollout.correction",
 )
 """Config keys that define an RL run's trajectory, compared on resume. Left out on purpose:
 ``rl.steps`` (extending a run is what resume is for), checkpoint/logging cadence, the backend
 (a resume on another number of ranks is supported) and the logger. ``policy`` is the folder
 the policy started from (``model.path``, or the pipeline's SFT folder)."""
+FINGERPRINT_DEFAULTS = {"rollout.name": "native", "rollout.correction": "auto"}
+"""Values of fingerprint keys that checkpoints of earlier versions did not record."""
 
 
 class CheckpointWriteError(WriteError):
@@ -129,7 +133,8 @@ def fingerprint_changes(
     """
     refused, accepted = [], []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
+        # A key added after the checkpoint was written had its default then.
+        old, new = saved.get(key, FINGERPRINT_DEFAULTS.get(key)), current.get(key)
         if old == new:
             continue
         line = f"{key}: {old!r} -> {new!r}"

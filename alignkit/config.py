@@ -308,6 +308,51 @@ class BackendConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """What samples RL rollouts: ``rollout=native`` (default) or ``rollout=vllm``; and the
+    training-inference mismatch correction (docs/rollout.md)."""
+
+    name: str = "native"
+    """native: alignkit's sampler on the policy; vllm: a vLLM engine synced with it."""
+    mode: str = "colocate"
+    """vllm: colocate (the engine in this process, on this device) or server (a separate
+    process: started by alignkit, or at ``url``)."""
+    url: str | None = None
+    """vllm server: ``host:port`` of a running ``python -m alignkit.rollout.vllm_server``;
+    null starts one as a child process."""
+    python: str | None = None
+    """vllm server started by alignkit: the interpreter of the vLLM environment (null: this
+    one)."""
+    authkey_env: str = "ALIGNKIT_VLLM_AUTHKEY"
+    """vllm server: the environment variable holding the connection's shared secret."""
+    dtype: str = "auto"
+    """vllm: weights' dtype in the engine (auto: the policy's; float32 on the CPU)."""
+    gpu_memory_utilization: float = 0.3
+    """vllm on a GPU: the share of the GPU's memory the engine may take (weights and KV
+    cache), leaving the rest to training when colocated."""
+    kv_cache_memory_mb: int | None = None
+    """vllm: KV-cache size in MiB (null: 64 on the CPU, from gpu_memory_utilization on a
+    GPU)."""
+    tensor_parallel_size: int = 1
+    """vllm server on GPUs: shard the engine over this many GPUs."""
+    enforce_eager: bool | None = None
+    """vllm: no CUDA graphs / compilation (null: true on the CPU, false on a GPU)."""
+    correction: str = "auto"
+    """Mismatch correction (alignkit.rollout.mismatch): auto (tis when the engine is not the
+    trainer), none, or parts joined by '+': tis, mis, seq_mask."""
+    tis_cap: float = 2.0
+    """tis: truncate each token's importance weight pi_old / mu at this value."""
+    mis_low: float = 0.5
+    """mis: tokens whose weight is below this are masked out of the loss."""
+    mis_high: float = 2.0
+    """mis: tokens whose weight is above this are masked out of the loss."""
+    seq_low: float = 0.5
+    """seq_mask: responses whose geometric-mean weight is below this are masked out."""
+    seq_high: float = 2.0
+    """seq_mask: responses whose geometric-mean weight is above this are masked out."""
+
+
+@dataclass
 class WandbConfig:
     mode: str = "auto"
     """auto (online when an API key is configured, offline otherwise), online, offline, disabled."""
@@ -355,6 +400,7 @@ class AlignkitConfig:
     algorithm: Any = MISSING
     reward: dict[str, Any] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)

@@ -57,6 +57,7 @@ from alignkit.guards import (
     skipped_steps,
 )
 from alignkit.progress import progress_bar
+from alignkit.rollout import ENGINE_LOGPROBS, IS_WEIGHTS, mismatch_metrics
 from alignkit.tracking import console
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 3
@@ -192,7 +193,16 @@ def merge_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
             isinstance(v, torch.Tensor) and v.shape[:1] == (p.num_rows,)
             for v, p in zip(rows, parts, strict=True)
         )
-        merged.extras[key] = torch.cat(rows) if same_rows else value  # type: ignore[arg-type]
+        if not same_rows:
+            merged.extras[key] = value
+            continue
+        per_token = all(
+            v.dim() == 2 and v.shape[1] == p.response_ids.shape[1]  # type: ignore[union-attr]
+            for v, p in zip(rows, parts, strict=True)
+        )
+        if per_token:  # (B, R) per response token: padded like the response fields
+            rows = [_pad_to(v, width_r, 0.0, False) for v in rows]  # type: ignore[arg-type]
+        merged.extras[key] = torch.cat(rows)  # type: ignore[arg-type]
     return merged
 
 
@@ -242,6 +252,12 @@ def batch_metrics(batch: Rollout) -> dict[str, float]:
     metrics["response/length"] = batch.response_mask.sum(1).float().mean().item()
     if batch.finished is not None:
         metrics["response/eos_rate"] = batch.finished.float().mean().item()
+    engine_logprobs = batch.extras.get(ENGINE_LOGPROBS)
+    if engine_logprobs is not None and batch.logprobs is not None:
+        weights = batch.extras.get(IS_WEIGHTS)
+        metrics.update(
+            mismatch_metrics(batch.logprobs, engine_logprobs, batch.response_mask, weights)
+        )
     return metrics
 
 

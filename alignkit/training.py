@@ -45,6 +45,7 @@ from alignkit.errors import ConfigError
 from alignkit.guards import guard_optimizer
 from alignkit.models import packs, response_logprobs
 from alignkit.ops import aggregate_loss, clipped_policy_loss, kl_penalty, masked_mean, masked_sum
+from alignkit.rollout.engines import IS_WEIGHTS
 
 __all__ = [
     "Counts",
@@ -514,7 +515,9 @@ def policy_loss(
             - entropy_coef * agg(H)
 
     with ``rho = exp(logp - old_logp)``, old log-probs from the rollout (``batch.logprobs``)
-    and ``agg`` the configured :func:`~alignkit.ops.aggregate_loss` over global counts.
+    and ``agg`` the configured :func:`~alignkit.ops.aggregate_loss` over global counts. When
+    another engine sampled, each token's policy-gradient term is multiplied by its mismatch
+    weight (``batch.extras[IS_WEIGHTS]``, :mod:`alignkit.rollout.mismatch`).
 
     Args:
         batch: the step's batch with ``advantages`` and ``logprobs`` set.
@@ -533,6 +536,11 @@ def policy_loss(
     per_token, clipfrac = clipped_policy_loss(
         logp, old, batch.advantages[rows], mask, spec.clip_eps, spec.clip_eps_high
     )
+    weights = batch.extras.get(IS_WEIGHTS)
+    if weights is not None:
+        # Another engine sampled: its tokens are corrected towards the trainer's
+        # distribution (alignkit.rollout.mismatch; detached, so only the PG term is weighted).
+        per_token = per_token * weights[rows]
     pg_loss = counts.aggregate(per_token, mask, spec.loss_agg)
     loss = pg_loss
     log_ratio = torch.where(mask != 0, logp.detach() - old, 0.0)

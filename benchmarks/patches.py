@@ -82,12 +82,12 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
     unknown = sorted(set(names) - set(PATCHES))
     if unknown:
         raise SystemExit(f"--patch: unknown {unknown}; choose from {list(PATCHES)}")
-    import alignkit_plugins.core as core
     import alignkit_plugins.ppo as ppo
 
     from alignkit import models, training
+    from alignkit.rollout import engines
 
-    original = NewGELUActivation.forward, generation.generate, core.generate, lean._take
+    original = NewGELUActivation.forward, generation.generate, engines.generate, lean._take
     prefill, critic_once = lean.LeanDecoder.prefill, ppo._critic_steps_once
     packing = (
         models.pack_rollout,
@@ -99,8 +99,8 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
         if "fused_gelu" in names:
             NewGELUActivation.forward = _fused_gelu  # type: ignore[method-assign]
         if "hf_decode" in names:
-            # The rollout plugin imported the function by name; both references change.
-            generation.generate = core.generate = generate_hf
+            # The native engine imported the function by name; both references change.
+            generation.generate = engines.generate = generate_hf
         if "padded" in names:
             models.pack_rollout = ppo.pack_rollout = _no_pack
             training.packs = lambda _model: False
@@ -113,7 +113,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
             ppo._critic_steps_once = lambda *_: False
         yield
     finally:
-        NewGELUActivation.forward, generation.generate, core.generate, lean._take = original
+        NewGELUActivation.forward, generation.generate, engines.generate, lean._take = original
         lean.LeanDecoder.prefill, ppo._critic_steps_once = prefill, critic_once
         (
             models.pack_rollout,

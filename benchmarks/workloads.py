@@ -206,6 +206,7 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
             "tokens_per_step": tokens / n,
             "step_seconds": step_seconds,
             "last_metrics": {k: float(v) for k, v in metrics.items() if not k.startswith("time/")},
+            "last_timings": {k: float(v) for k, v in metrics.items() if k.startswith("time/")},
         }
 
 

@@ -13,10 +13,19 @@ import torch
 
 from alignkit import Rollout, RunContext, hookimpl
 from alignkit.data.chat import PromptFormat
-from alignkit.generation import decode_responses, generate
+from alignkit.generation import decode_responses
 from alignkit.models import response_logprobs
 from alignkit.prompts import encode_prompts, prompt_format
 from alignkit.registry import ComponentRegistry
+from alignkit.rollout import (
+    ENGINE_LOGPROBS,
+    ENGINE_STATE_KEY,
+    IS_WEIGHTS,
+    MismatchCorrection,
+    NativeEngine,
+    correction_weights,
+    rollout_engine,
+)
 from alignkit.tasks import AssistTask
 from alignkit.tasks.data import DataTask
 
@@ -30,6 +39,7 @@ def register_components(registry: ComponentRegistry) -> None:
 
     registry.add("task", "assist", AssistTask)
     registry.add("task", "data", DataTask)
+    registry.add("rollout_engine", "native", NativeEngine)
     registry.add("stage", "sft", run_sft)
     registry.add("stage", "rl", lambda ctx: run_rl(ctx)[0])
     registry.add("stage", "eval", run_eval)
@@ -61,35 +71,24 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
     """Sample ``rl.samples_per_prompt`` responses per prompt with the current policy.
 
     Prompts are rendered in the policy's format (:mod:`alignkit.prompts`) and left-padded;
-    a row ends at any of the format's stop ids; sampling uses the KV cache and the run's
-    seeded generator; the sampling log-probs are taken once here (from ``logits /
-    temperature``), and the reference log-probs only when a KL term is configured
-    (``rl.kl_coef > 0``). The seconds of sampling and of the reference forward are logged as
-    ``time/rollout/generation`` and ``time/rollout/ref``.
+    a row ends at any of the format's stop ids. The configured engine samples
+    (``rollout=native``: alignkit's sampler with the KV cache and the run's seeded generator;
+    ``rollout=vllm``: vLLM, :mod:`alignkit.rollout`); the sampling log-probs are taken there
+    (from ``logits / temperature``). When they are not the trainer's, the trainer's are
+    computed here too and the mismatch weights set (:func:`correct_mismatch`). The reference
+    log-probs are computed only when a KL term is configured (``rl.kl_coef > 0``). Seconds
+    are logged as ``time/rollout/generation``, ``time/rollout/trainer_logprobs`` and
+    ``time/rollout/ref``.
     """
     start = time.perf_counter()
-    rl, tok, policy = ctx.cfg.rl, ctx.tokenizer, ctx.policy
+    rl, tok = ctx.cfg.rl, ctx.tokenizer
     group = int(rl.samples_per_prompt)
     fmt = policy_format(ctx)
     ids, mask, texts = encode_prompts(fmt, ctx.task, records, int(ctx.cfg.task.max_prompt_tokens))
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
     ids, mask = ids.to(ctx.device), mask.to(ctx.device)
-    was_training = policy.training
-    policy.eval()
-    out = generate(
-        policy,
-        ids,
-        mask,
-        max_new_tokens=int(rl.max_new_tokens),
-        eos_token_id=fmt.stop_ids,
-        pad_token_id=tok.pad_token_id,
-        temperature=float(rl.temperature),
-        top_k=int(rl.top_k),
-        top_p=float(rl.top_p),
-        generator=ctx.generator,
-        rows=_global_rows(ctx, ids.shape[0]),
-    )
-    policy.train(was_training)
+    engine = rollout_engine(ctx)
+    out = engine.generate(ctx, ids, mask, fmt.stop_ids, _global_rows(ctx, ids.shape[0]))
     generated = time.perf_counter()
     batch = Rollout(
         prompt_ids=ids,
@@ -104,21 +103,66 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
         logprobs=out.logprobs,
     )
     batch.timings["time/rollout/generation"] = generated - start
+    if not engine.trainer_logprobs:
+        start = time.perf_counter()
+        correct_mismatch(ctx, batch)
+        batch.timings["time/rollout/trainer_logprobs"] = time.perf_counter() - start
     if ctx.ref_policy is not None and float(rl.kl_coef) > 0:
         start = time.perf_counter()
-        with torch.no_grad():
-            logprobs = response_logprobs(
-                ctx.ref_policy,
-                batch.prompt_ids,
-                batch.prompt_mask,
-                batch.response_ids,
-                batch.response_mask,
-                temperature=float(rl.temperature),
-            )
-            assert isinstance(logprobs, torch.Tensor)
-            batch.ref_logprobs = logprobs * batch.response_mask
+        batch.ref_logprobs = scored_logprobs(ctx, ctx.ref_policy, batch)
         batch.timings["time/rollout/ref"] = time.perf_counter() - start
     return batch
+
+
+@torch.no_grad()
+def scored_logprobs(ctx: RunContext, model: torch.nn.Module, batch: Rollout) -> torch.Tensor:
+    """(B, R) log-probs of the batch's responses under ``model`` at the sampling temperature,
+    0 at padding (no grad)."""
+    logprobs = response_logprobs(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.response_ids,
+        batch.response_mask,
+        temperature=float(ctx.cfg.rl.temperature),
+    )
+    assert isinstance(logprobs, torch.Tensor)
+    return logprobs * batch.response_mask
+
+
+def correct_mismatch(ctx: RunContext, batch: Rollout) -> None:
+    """The trainer's own log-probs of an engine's samples, and the correction weights.
+
+    ``batch.logprobs`` becomes the trainer's ``log pi_old`` at the weights the engine sampled
+    with (a no-grad forward of this rank's rows), so the update's ratio starts at 1; the
+    engine's ``log mu`` moves to ``extras[ENGINE_LOGPROBS]``, and ``extras[IS_WEIGHTS]``
+    holds the ``rollout.correction`` weights (:mod:`alignkit.rollout.mismatch`) that multiply
+    each token's policy-gradient loss.
+    """
+    assert ctx.policy is not None and batch.logprobs is not None
+    was_training = ctx.policy.training
+    ctx.policy.eval()
+    try:
+        trainer = scored_logprobs(ctx, ctx.policy, batch)
+    finally:
+        ctx.policy.train(was_training)
+    mask = batch.response_mask
+    batch.extras[ENGINE_LOGPROBS] = batch.logprobs * mask
+    batch.logprobs = trainer
+    correction = MismatchCorrection.from_config(ctx.cfg.get("rollout") or {}, False)
+    if correction is not None:
+        batch.extras[IS_WEIGHTS] = correction_weights(
+            batch.logprobs, batch.extras[ENGINE_LOGPROBS], mask, correction
+        )
+
+
+@hookimpl
+def run_end(ctx: RunContext, summary: dict[str, float]) -> None:
+    """Stop a rollout engine that holds resources (a vLLM engine or its server process)."""
+    engine = ctx.state.get(ENGINE_STATE_KEY)
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
 
 
 @hookimpl

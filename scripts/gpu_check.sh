@@ -5,7 +5,8 @@
 # sampling generator on the GPU, float32 LM heads under bf16 autocast, the rollout / update
 # ratio at the first minibatch), the lean forwards against each architecture's own forward on
 # the GPU in float32, bf16 weights and bf16 autocast, the default pipeline's smoke budget
-# on backend=single_gpu and FSDP over NCCL with 2+ GPUs. Ends with a pass/fail table; exits 1 if any step failed.
+# on backend=single_gpu, FSDP over NCCL with 2+ GPUs and vLLM rollouts when .venv-vllm
+# exists. Ends with a pass/fail table; exits 1 if any step failed.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (needs .venv from `make setup-dev`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -101,6 +102,14 @@ if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   run_step fsdp_nccl_2gpu 120 $PY -m torch.distributed.run --standalone --nproc_per_node=2 \
     -m alignkit.cli experiment=smoke logger=none backend=fsdp algorithm=grpo \
     run_dir="$OUT/fsdp_nccl_2gpu"
+fi
+
+# 6. vLLM rollouts on the GPU, when the vLLM environment exists (scripts/setup_vllm_env.sh
+#    installs vLLM's CUDA build on a GPU machine): the smoke pipeline with rollout=vllm.
+if [ -x .venv-vllm/bin/python ] && .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1; then
+  run_step vllm_single_gpu 150 .venv-vllm/bin/alignkit experiment=smoke logger=none \
+    backend=single_gpu algorithm=grpo rollout=vllm model.tiny.arch=llama \
+    run_dir="$OUT/vllm_single_gpu"
 fi
 
 echo

@@ -130,6 +130,17 @@ def test_merge_rollouts_repads_prompts_left_responses_right_and_offsets_groups()
     assert m.ref_logprobs is None and m.group_size == 2
 
 
+def test_merge_rollouts_pads_per_token_extras_like_the_responses() -> None:
+    # Mismatch weights are (B, R) per token: each rank's R differs, so they are padded.
+    a = _part([[0, 5], [0, 5]], [[7], [8]], [0, 0])
+    b = _part([[4, 4, 4], [4, 4, 4]], [[9, 9], [9, 0]], [0, 0])
+    a.extras["w"], b.extras["w"] = torch.full((2, 1), 2.0), torch.full((2, 2), 3.0)
+    a.extras["seq"], b.extras["seq"] = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    m = merge_rollouts([a, b], pad_token_id=0)
+    assert m.extras["w"].tolist() == [[2.0, 0.0], [2.0, 0.0], [3.0, 3.0], [3.0, 3.0]]
+    assert m.extras["seq"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = TinyModelSpec(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=32)

@@ -67,6 +67,14 @@ TORCHRUN_NODE = (
 SLURM = "needs a SLURM cluster (sbatch, srun, scontrol)"
 
 COVERED: dict[str, str] = {
+    # docs/rollout.md: vLLM runs in its own environment, built and used by these tests.
+    "scripts/setup_vllm_env.sh": (
+        "tests/test_vllm_env.py::test_vllm_suite_passes_in_its_own_environment"
+    ),
+    ".venv-vllm/bin/alignkit algorithm=grpo rollout=vllm model=hf "
+    "model.path=/path/to/tiny-llama experiment=smoke": (
+        "tests/test_vllm.py::test_the_default_pipeline_runs_with_vllm_rollouts (in .venv-vllm)"
+    ),
     # docs/data.md's runnable example, run as one block from the repository root.
     "python examples/own_data/make_model.py examples/own_data/data outputs/tiny-llama-chat": (
         "tests/test_own_data.py::test_the_documented_example_runs_as_written"
@@ -111,6 +119,31 @@ COVERED: dict[str, str] = {
 """Commands that another test runs (or checks) already: skipped here, pointing at it."""
 
 ALLOWED: dict[str, str] = {
+    # docs/benchmarks.md
+    ".venv-vllm/bin/pip install --no-deps trl==1.16.0 accelerate==1.16.0": (
+        "installs TRL into the vLLM environment, for the benchmark below"
+    ),
+    ".venv-vllm/bin/python -m benchmarks.vllm_rollout --steps 3 --rounds 2 --threads 1": (
+        "a benchmark (run on a quiet machine, not in tests); tests/test_vllm.py runs its parts"
+    ),
+    # docs/rollout.md
+    "pip install 'alignkit[vllm]'": "installs vLLM's CUDA build (a GPU machine)",
+    "alignkit algorithm=grpo rollout=vllm model=hf model.path=/path/to/policy": (
+        "placeholder path; vLLM is not in this environment (tests/test_vllm.py runs the same "
+        "command on a tiny Llama in .venv-vllm)"
+    ),
+    "alignkit algorithm=grpo rollout=vllm rollout.gpu_memory_utilization=0.4 model=hf "
+    "model.path=/path/to/policy backend=single_gpu": GPU,
+    "ALIGNKIT_VLLM_AUTHKEY=change-me CUDA_VISIBLE_DEVICES=4,5,6,7 python -m "
+    'alignkit.rollout.vllm_server --host 0.0.0.0 --port 51000 --engine \'{"model": '
+    '"/path/to/policy", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.9, '
+    '"logprobs_mode": "processed_logprobs", "worker_extension_cls": '
+    '"alignkit.rollout.vllm_engine.WeightSyncExtension"}\'': f"{GPU}: 4 of them; "
+    "tests/test_vllm.py runs the server on the CPU",
+    "ALIGNKIT_VLLM_AUTHKEY=change-me CUDA_VISIBLE_DEVICES=0,1,2,3 torchrun --standalone "
+    "--nproc_per_node=4 -m alignkit.cli backend=fsdp algorithm=grpo rollout=vllm "
+    "rollout.mode=server rollout.url=inference-host:51000 model=hf "
+    "model.path=/path/to/policy": f"{GPU}: 4 of them and a running server",
     # README.md
     "make run": "sets up the environment (scripts/bootstrap.sh), then the full-budget pipeline; "
     "`alignkit` runs the same pipeline here",
