@@ -326,7 +326,8 @@ class RolloutConfig:
     authkey_env: str = "ALIGNKIT_VLLM_AUTHKEY"
     """vllm server: the environment variable holding the connection's shared secret."""
     dtype: str = "auto"
-    """vllm: weights' dtype in the engine (auto: the policy's; float32 on the CPU)."""
+    """vllm: weights' dtype in the engine (auto: float32 on the CPU, vLLM's own choice on a
+    GPU, which turns a float32 config into bfloat16; float32 there matches the trainer)."""
     gpu_memory_utilization: float = 0.3
     """vllm on a GPU: the share of the GPU's memory the engine may take (weights and KV
     cache), leaving the rest to training when colocated."""

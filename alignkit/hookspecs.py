@@ -152,9 +152,11 @@ def reward(ctx: RunContext, batch: Rollout) -> dict[str, Tensor] | None:
     """Score the batch: return ``{component_name: (B,) float tensor}``, or None to abstain.
 
     Called once per step on every rank, on every active plugin (results are collected, not
-    first-wins). The engine combines components as ``sum_k weight_k * score_k`` with weights
-    from ``reward.<name>.weight``, stores the total in ``batch.rewards`` and each raw component
-    in ``batch.reward_components``, and logs them as ``reward/<name>``.
+    first-wins), with the rows this rank rolled out: under ``backend=fsdp`` each rank scores
+    its own share, and the scored shares are gathered before ``advantage``. The engine
+    combines components as ``sum_k weight_k * score_k`` with weights from
+    ``reward.<name>.weight``, stores the total in ``batch.rewards`` and each raw component in
+    ``batch.reward_components``, and logs them as ``reward/<name>``.
     """
 
 

@@ -77,6 +77,8 @@ class LogProgress(Progress):
         self._maybe_log(task_id)
 
     def _maybe_log(self, task_id: TaskID) -> None:
+        if console.quiet:  # a rank other than 0 (alignkit.cli): rank 0 alone reports
+            return
         task = self._tasks[task_id]
         last_time, last_mark = self._last[task_id]
         total = task.total or 0

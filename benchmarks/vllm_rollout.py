@@ -47,23 +47,20 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _alignkit(args: argparse.Namespace, model_dir: Path, rollout: str) -> dict[str, Any]:
-    from alignkit.rollout import ENGINE_STATE_KEY
     from benchmarks.workloads import run_rl
 
     args.overrides = [f"rollout={rollout}"]
     engines: list[Any] = []
-    # run_rl builds the context itself: catch the engine as the core's rollout stores it.
-    import alignkit.rollout.engines as engines_module
+    # run_rl builds the context itself: catch the engine as the core's rollout gets it.
+    import alignkit_plugins.core as core
 
-    original = engines_module.rollout_engine
+    original = core.rollout_engine
 
     def spy(ctx: Any) -> Any:
         engine = original(ctx)
         if not engines or engines[-1] is not engine:
             engines.append(engine)
         return engine
-
-    import alignkit_plugins.core as core
 
     core.rollout_engine = spy  # type: ignore[assignment]
     try:
@@ -74,7 +71,6 @@ def _alignkit(args: argparse.Namespace, model_dir: Path, rollout: str) -> dict[s
     seconds = getattr(engine, "seconds", None)
     if seconds:
         result["engine_seconds"] = dict(seconds)
-    result["engine_key"] = ENGINE_STATE_KEY
     metrics = result.get("last_metrics", {})
     result["mismatch_kl"] = metrics.get("mismatch/kl")
     return result

@@ -19,7 +19,6 @@ from alignkit.prompts import encode_prompts, prompt_format
 from alignkit.registry import ComponentRegistry
 from alignkit.rollout import (
     ENGINE_LOGPROBS,
-    ENGINE_STATE_KEY,
     IS_WEIGHTS,
     MismatchCorrection,
     NativeEngine,
@@ -154,15 +153,6 @@ def correct_mismatch(ctx: RunContext, batch: Rollout) -> None:
         batch.extras[IS_WEIGHTS] = correction_weights(
             batch.logprobs, batch.extras[ENGINE_LOGPROBS], mask, correction
         )
-
-
-@hookimpl
-def run_end(ctx: RunContext, summary: dict[str, float]) -> None:
-    """Stop a rollout engine that holds resources (a vLLM engine or its server process)."""
-    engine = ctx.state.get(ENGINE_STATE_KEY)
-    close = getattr(engine, "close", None)
-    if callable(close):
-        close()
 
 
 @hookimpl

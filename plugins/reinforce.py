@@ -9,6 +9,8 @@ and every response token gets the advantage ``A = s - mean_batch(s)`` (optionall
 the batch std). One optimiser step per RL step on the exact on-policy gradient
 ``-sum_tokens A * log pi / num_tokens``; ``minibatch_size`` only bounds memory (gradients are
 accumulated and normalised by the global token count, so it does not change the result).
+When another engine sampled (``rollout=vllm``), each token's term is multiplied by its
+mismatch-correction weight (:mod:`alignkit.rollout.mismatch`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from alignkit import Rollout, RunContext, hookimpl
 from alignkit.config import AlgorithmConfig, store_algorithm
 from alignkit.models import sequence_logprobs
 from alignkit.ops import masked_mean
+from alignkit.rollout import IS_WEIGHTS
 
 
 @dataclass
@@ -68,6 +71,8 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
     start = batch.prompt_ids.shape[1]
     num_tokens = batch.response_mask.sum().clamp(min=1)
     step_size = int(ctx.cfg.algorithm.minibatch_size)
+    # Another engine sampled: each token is weighted by its mismatch correction.
+    weights = batch.extras.get(IS_WEIGHTS)
     optimizer.zero_grad(set_to_none=True)
     loss_total, entropy_total = 0.0, 0.0
     for lo in range(0, batch.num_rows, step_size):
@@ -76,8 +81,9 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
             policy, seq[sl], seq_mask[sl], start, temperature=temperature, return_entropy=True
         )
         mask = batch.response_mask[sl]
+        weighted = mask if weights is None else mask * weights[sl]
         # Normalised by the global token count so accumulation equals one full-batch step.
-        loss = -(batch.advantages[sl] * logp * mask).sum() / num_tokens
+        loss = -(batch.advantages[sl] * logp * weighted).sum() / num_tokens
         loss.backward()
         loss_total += loss.item()
         entropy_total += (entropy.detach() * mask).sum().item()

@@ -160,6 +160,20 @@ def test_plain_progress_lines_are_logged_when_output_is_not_a_terminal(
     assert lines[-1].endswith("reward 0.500")
 
 
+def test_plain_progress_is_logged_by_rank_0_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from alignkit import progress
+
+    monkeypatch.setattr(progress.console, "quiet", True)  # as the CLI sets it on rank 1
+    bar = progress.LogProgress()
+    with caplog.at_level(logging.INFO, logger="alignkit.progress"), bar:
+        task = bar.add_task("rl", total=4, info="")
+        for _ in range(4):
+            bar.update(task, advance=1)
+    assert [r for r in caplog.records if r.name == "alignkit.progress"] == []
+
+
 def test_messages_off_a_terminal_never_wrap_paths() -> None:
     from alignkit.tracking import make_console
 

@@ -39,6 +39,14 @@ CASES = {
     "ppo-separate": ["algorithm=ppo", "algorithm.value_model=separate", "algorithm.ppo_epochs=2"],
     "grpo": ["algorithm=grpo", "algorithm.epochs=2"],
     "rloo": ["algorithm=rloo", "algorithm.epochs=2"],
+    # One optimizer step over the batch: the separate critic learns in the advantage phase
+    # from its rollout forward (value_forward_once), each rank on its half of the rows.
+    "ppo-critic-once": [
+        "algorithm=ppo",
+        "algorithm.value_model=separate",
+        "algorithm.ppo_epochs=1",
+        "algorithm.minibatch_size=4",
+    ],
 }
 # Float sums in another order (micro-batches regrouped, gradients summed over ranks, sharded
 # norms): the same bounds as the FSDP tests of tests/test_arch_matrix.py.
@@ -46,8 +54,10 @@ RTOL, ATOL = 5e-5, 1e-5
 
 
 def _args(case: str, sft: Path) -> list[str]:
-    # The algorithm group first: its fields (minibatch_size, ...) exist once it is chosen.
-    return [*CASES[case], *SPLIT, f"model.path={sft}"]
+    # The algorithm group first: its fields (minibatch_size, ...) exist once it is chosen;
+    # the case's own settings last, over the shared ones.
+    first, *rest = CASES[case]
+    return [first, *SPLIT, *rest, f"model.path={sft}"]
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, HookError
 from alignkit.rollout import (
     IS_WEIGHTS,
     MismatchCorrection,
@@ -190,3 +190,93 @@ def test_rollout_vllm_without_vllm_names_the_fix(monkeypatch: pytest.MonkeyPatch
     ctx.cfg = OmegaConf.create({"rollout": {"name": "vllm", "mode": "colocate"}})
     with pytest.raises(ConfigError, match="rollout=vllm needs vLLM"):
         build_vllm_engine(ctx)
+
+
+class _FailingEngine(NativeEngine):
+    """An engine that holds a resource and fails mid-run."""
+
+    closed: ClassVar[list[bool]] = []
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("engine failure")
+
+    def close(self) -> None:
+        _FailingEngine.closed.append(True)
+
+
+def _run(overrides: list[str], tmp_path: Path, engines: dict[str, Any]) -> None:
+    from hydra import compose, initialize_config_module
+
+    from alignkit.cli import registration, run_stage
+
+    manager, registry = registration()
+    for name, factory in engines.items():
+        registry.add("rollout_engine", name, factory)
+    with initialize_config_module(config_module="alignkit.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*overrides, f"run_dir={tmp_path}"])
+    run_stage(cfg, tmp_path, manager, registry)
+
+
+def test_a_failed_run_closes_its_rollout_engine(sft_run: Path, tmp_path: Path) -> None:
+    overrides = ["stage=rl", "algorithm=grpo", "experiment=smoke", "reward=[gold]"]
+    overrides += ["logger=none", "rollout.name=failing", f"model.path={sft_run / 'sft'}"]
+    _FailingEngine.closed.clear()
+    with pytest.raises(HookError, match="engine failure"):
+        _run(overrides, tmp_path, {"failing": _FailingEngine})
+    assert _FailingEngine.closed == [True]
+
+
+def test_reinforce_weighs_its_tokens_by_the_correction(sft_run: Path, tmp_path: Path) -> None:
+    """algorithm=reinforce writes its own update: it applies the weights too. Every token
+    masked (mis_high below the shifted engine's weight) leaves nothing to train on."""
+    overrides = ["stage=rl", "algorithm=reinforce", "experiment=smoke", "reward=[gold]"]
+    overrides += ["logger=none", "rl.steps=1", "rollout.name=shifted", "rollout.correction=mis"]
+    overrides += ["rollout.mis_high=1.3", f"model.path={sft_run / 'sft'}"]
+    _run(overrides, tmp_path, {"shifted": _ShiftedEngine})
+    (m,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "rl"]
+    assert m["mismatch/masked_frac"] == 1.0
+    assert m["loss/policy"] == 0.0 and m["policy/grad_norm"] == 0.0
+
+
+def test_vllm_engine_helpers() -> None:
+    """The parts of the vLLM engine that need no vLLM: seeds, arguments, outputs, the
+    server's environment."""
+    from alignkit.rollout import vllm_engine as ve
+
+    assert ve.row_seed(0, 3, 5) == ve.row_seed(0, 3, 5) != ve.row_seed(0, 3, 6)
+    assert ve.row_seed(1, 3, 5) != ve.row_seed(0, 3, 5) and 0 <= ve.row_seed(0, 0, 0) < 2**31
+    node = OmegaConf.create({"dtype": "auto", "kv_cache_memory_mb": None})
+    cpu = ve.engine_kwargs(node, "/m", torch.device("cpu"), 128, 7)
+    assert cpu["dtype"] == "float32" and cpu["enforce_eager"] is True
+    assert cpu["kv_cache_memory_bytes"] == ve.CPU_KV_CACHE_MB << 20
+    assert cpu["load_format"] == "dummy" and cpu["logprobs_mode"] == "processed_logprobs"
+    gpu = ve.engine_kwargs(node, "/m", torch.device("cuda", 0), 128, 7)
+    assert gpu["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in gpu
+    assert gpu["enforce_eager"] is False and gpu["dtype"] == "auto"
+    out = ve.to_generation_output(
+        [
+            {"tokens": [5, 6, 2], "logprobs": [-1.0, -2.0, -0.5], "finished": True},
+            {"tokens": [7], "logprobs": [-3.0], "finished": False},
+        ],
+        pad_token_id=0,
+        device=torch.device("cpu"),
+    )
+    assert out.response_ids.tolist() == [[5, 6, 2], [7, 0, 0]]
+    assert out.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out.logprobs is not None and out.logprobs.tolist() == [[-1, -2, -0.5], [-3, 0, 0]]
+    assert out.finished.tolist() == [True, False]
+
+
+def test_the_server_does_not_inherit_the_trainers_rendezvous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from alignkit.rollout import vllm_engine as ve
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    env = ve._server_env()
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(
+        env
+    )
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"

@@ -180,6 +180,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start_server(llama: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str, int]:
+    """``python -m alignkit.rollout.vllm_server`` on the tiny Llama: (process, secret, port)."""
+    key, port = secrets.token_hex(8), _free_port()
+    kwargs = engine_kwargs(OmegaConf.create({}), str(llama), torch.device("cpu"), 128, 0)
+    cmd = [sys.executable, "-m", "alignkit.rollout.vllm_server", "--port", str(port)]
+    cmd += ["--engine", json.dumps(kwargs), *extra]
+    env = {**cli_env(), "ALIGNKIT_VLLM_AUTHKEY": key}
+    return subprocess.Popen(cmd, cwd=REPO, env=env), key, port
+
+
 def test_server_mode_samples_what_colocate_samples(engine: ColocatedVLLM, llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -187,11 +197,7 @@ def test_server_mode_samples_what_colocate_samples(engine: ColocatedVLLM, llama:
     engine.load_weights(policy_weights(model))
     prompts, tok = _prompts(llama)
     want = engine.generate(prompts, [11] * len(prompts), _params([tok.eos_token_id]))
-    key, port = secrets.token_hex(8), _free_port()
-    kwargs = engine_kwargs(OmegaConf.create({}), str(llama), torch.device("cpu"), 128, 0)
-    cmd = [sys.executable, "-m", "alignkit.rollout.vllm_server", "--port", str(port)]
-    cmd += ["--engine", json.dumps(kwargs)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**cli_env(), "ALIGNKIT_VLLM_AUTHKEY": key})
+    proc, key, port = _start_server(llama)
     try:
         client = ServerClient(("127.0.0.1", port), key.encode(), timeout_s=120)
         client.load_weights(policy_weights(model))
@@ -215,11 +221,7 @@ def test_a_wrong_secret_is_refused(llama: Path) -> None:
 
     from alignkit.rollout.vllm_engine import ServerClient as Client
 
-    key, port = secrets.token_hex(8), _free_port()
-    kwargs = engine_kwargs(OmegaConf.create({}), str(llama), torch.device("cpu"), 128, 0)
-    cmd = [sys.executable, "-m", "alignkit.rollout.vllm_server", "--port", str(port)]
-    cmd += ["--engine", json.dumps(kwargs)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**cli_env(), "ALIGNKIT_VLLM_AUTHKEY": key})
+    proc, key, port = _start_server(llama)
     try:
         with pytest.raises(AuthenticationError):
             Client(("127.0.0.1", port), b"not-the-secret", timeout_s=120)
@@ -383,3 +385,35 @@ def test_two_fsdp_ranks_share_one_server(sft_llama: Path, tmp_path: Path) -> Non
         for key in ("reward/total", "response/length", "loss/policy", "mismatch/kl"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), key
         assert g["update/rows"] * 2 == w["update/rows"]
+
+
+def test_a_weight_sync_drops_prompt_states_cached_with_the_old_weights(llama: Path) -> None:
+    """Prompts longer than a KV block (128 tokens on the CPU) are cached across requests;
+    after a sync the same prompt must be recomputed with the new weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    kwargs = engine_kwargs(OmegaConf.create({}), str(llama), torch.device("cpu"), 256, 0)
+    engine = ColocatedVLLM(kwargs)
+    prompts, tok = _prompts(llama)
+    long = [(p * 60)[:200] for p in prompts[:2]]  # 200 tokens: one full block
+    engine.load_weights(policy_weights(model))
+    first = engine.generate(long, [1, 2], _params([tok.eos_token_id], 4))
+    assert _max_gap(model, long, first) < 1e-5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    engine.load_weights(policy_weights(model))
+    again = engine.generate(long, [1, 2], _params([tok.eos_token_id], 4))
+    assert _max_gap(model, long, again) < 1e-5
+
+
+def test_a_server_whose_trainer_died_exits(llama: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    proc, _, _ = _start_server(llama, "--parent-pid", str(parent.pid))
+    try:
+        parent.wait(timeout=30)
+        assert proc.wait(timeout=60) == 0  # gone within its 2 s poll of the parent
+    finally:
+        if proc.poll() is None:
+            proc.kill()

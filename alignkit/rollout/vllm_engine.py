@@ -130,29 +130,44 @@ class WeightSyncExtension:
 
 
 class ColocatedVLLM:
-    """A ``vllm.LLM`` in this process: sampling and in-place weight loads."""
+    """A ``vllm.LLM`` in this process: sampling and in-place weight loads.
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
+    Every call runs with autocast off: the trainer's step runs under the backend's autocast,
+    which would otherwise turn the engine's own float32 matmuls into bf16 ones.
+    """
+
+    def __init__(self, kwargs: dict[str, Any], per_trainer_rank: bool = True) -> None:
         # In-process engine core (no extra process per engine) and no compilation on a CPU.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if kwargs.get("enforce_eager"):
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-            # Under torchrun (FSDP): one engine per trainer rank, in the ranks it started.
+        under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+        if per_trainer_rank and under_torchrun:
+            # Colocated under torchrun (FSDP): one engine per trainer rank, in its process.
             kwargs = {**kwargs, "distributed_executor_backend": "external_launcher"}
         from vllm import LLM
 
-        self.llm = LLM(**kwargs)
+        with _no_autocast():
+            self.llm = LLM(**kwargs)
 
     def load_weights(self, weights: Iterator[tuple[str, Tensor]]) -> None:
         """Load full weights in place, one tensor at a time."""
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": ((k, v.detach().clone()) for k, v in weights)},
-        )
+        with _no_autocast():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": ((k, v.detach().clone()) for k, v in weights)},
+            )
+        self._forget_cached_prompts()
 
     def load_blob(self, blob: bytes) -> None:
-        self.llm.collective_rpc("alignkit_load_blob", args=(blob,))
+        with _no_autocast():
+            self.llm.collective_rpc("alignkit_load_blob", args=(blob,))
+        self._forget_cached_prompts()
+
+    def _forget_cached_prompts(self) -> None:
+        # Prefix caching keeps prompts' key/value blocks across requests; computed with the
+        # old weights, they must not serve the new ones (a reload does not clear them).
+        self.llm.reset_prefix_cache()
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], params: dict[str, Any]
@@ -162,8 +177,20 @@ class ColocatedVLLM:
 
         sampling = [SamplingParams(**params, seed=s) for s in seeds]
         requests = [{"prompt_token_ids": p} for p in prompts]
-        outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
+        with _no_autocast():
+            outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False)
         return [_completion(o.outputs[0]) for o in outputs]
+
+
+def _no_autocast() -> Any:
+    """A block with autocast off on every device that has it on."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for device in ("cuda", "cpu"):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 def _completion(out: Any) -> dict[str, Any]:
@@ -193,13 +220,26 @@ def recv_json(conn: Connection) -> dict[str, Any]:
 class ServerClient:
     """The trainer's connection to ``python -m alignkit.rollout.vllm_server``."""
 
-    def __init__(self, address: tuple[str, int], authkey: bytes, timeout_s: float = 300.0):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        authkey: bytes,
+        timeout_s: float = 300.0,
+        process: subprocess.Popen[bytes] | None = None,
+    ):
+        """Connect, retrying while the server starts; ``process``: the server this trainer
+        started, whose early exit ends the wait at once."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 self.conn = Client(address, authkey=authkey)
                 break
             except (ConnectionRefusedError, FileNotFoundError):
+                if process is not None and process.poll() is not None:
+                    raise ConnectionError(
+                        f"the vLLM server exited with code {process.returncode} before "
+                        "accepting connections (its error is above)"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise ConnectionError(
                         f"no vLLM server at {address[0]}:{address[1]} after {timeout_s:.0f} s"
@@ -227,6 +267,31 @@ class ServerClient:
             self.conn.close()
         except OSError:
             pass
+
+
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _server_env() -> dict[str, str]:
+    """This process's environment without torchrun's: the server is not a trainer rank, and
+    must not join (or bind) the trainer's rendezvous."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")
+    }
 
 
 def _free_port() -> int:
@@ -314,17 +379,17 @@ class VLLMEngine:
             spec = json.dumps(self._kwargs(ctx))
             python = str(self.node.get("python") or sys.executable)
             cmd = [python, "-m", "alignkit.rollout.vllm_server", "--port", str(port)]
-            cmd += ["--engine", spec]
+            cmd += ["--engine", spec, "--parent-pid", str(os.getpid())]
             if backend.distributed:
                 cmd += ["--host", "0.0.0.0"]
-            env = {**os.environ, env_name: key, "ALIGNKIT_VLLM_AUTHKEY_ENV": env_name}
+            env = {**_server_env(), env_name: key, "ALIGNKIT_VLLM_AUTHKEY_ENV": env_name}
             self.process = subprocess.Popen(cmd, env=env)
             address = (socket.gethostname() if backend.distributed else "127.0.0.1", port, key)
         if backend.distributed:
             address = backend.broadcast_object(address, src=0)
         assert address is not None
         host, port, key = address
-        return ServerClient((host, port), key.encode())
+        return ServerClient((host, port), key.encode(), process=self.process)
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -380,6 +445,7 @@ class VLLMEngine:
                 self.process.kill()
             self.process = None
         self.client = None
+        self.synced_step = None
         if self.model_dir is not None:
             self.model_dir.cleanup()
             self.model_dir = None

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -96,11 +97,27 @@ class Server:
         return False
 
 
+def _exit_with(pid: int, every_s: float = 2.0) -> None:
+    """End this process once ``pid`` (the trainer that started it) is gone: a crashed run
+    must not leave an engine holding its port and its share of a GPU."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--engine", required=True, help="JSON object of vllm.LLM arguments")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is gone"
+    )
     args = parser.parse_args(argv)
     env_name = os.environ.get("ALIGNKIT_VLLM_AUTHKEY_ENV", "ALIGNKIT_VLLM_AUTHKEY")
     key = os.environ.get(env_name)
@@ -112,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     with Listener((args.host, args.port), authkey=key.encode()) as listener:
         info = {"model": kwargs.get("model"), "pid": os.getpid()}
         local = ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, args.port)
-        server = Server(ColocatedVLLM(kwargs), info, local, key.encode())
+        server = Server(ColocatedVLLM(kwargs, per_trainer_rank=False), info, local, key.encode())
+        if args.parent_pid is not None:
+            threading.Thread(target=_exit_with, args=(args.parent_pid,), daemon=True).start()
         while True:
             try:
                 conn = listener.accept()

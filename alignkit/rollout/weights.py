@@ -33,7 +33,8 @@ def _lora_deltas(base: nn.Module) -> dict[str, Tensor]:
         if not isinstance(module, LoraLayer) or getattr(module, "merged", False):
             continue
         for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
+            # Linear layers keep adapters in lora_A, embeddings in lora_embedding_A.
+            if adapter not in module.lora_A and adapter not in module.lora_embedding_A:
                 continue
             delta = module.get_delta_weight(adapter).detach()
             key = f"{name}.weight"

@@ -163,6 +163,16 @@ def save_final_policy(rl_ctx: RunContext, step: int) -> Path:
     return out
 
 
+def close_rollout_engine(ctx: RunContext) -> None:
+    """Close the run's rollout engine if it holds anything (:mod:`alignkit.rollout`)."""
+    from alignkit.rollout import ENGINE_STATE_KEY
+
+    engine = ctx.state.pop(ENGINE_STATE_KEY, None)
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
+
+
 def run_rl(
     ctx: RunContext, policy_path: str | Path | None = None
 ) -> tuple[dict[str, Any], RunContext]:
@@ -179,7 +189,12 @@ def run_rl(
         rl_ctx = setup_rl(ctx, path)
         fingerprint = run_fingerprint(ctx.cfg, path, ctx.run_dir)
         engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint)
-        last = engine.run()
+        try:
+            last = engine.run()
+        finally:
+            # A rollout engine holding resources (a vLLM server process, GPU memory) goes
+            # with the run, also when it fails.
+            close_rollout_engine(rl_ctx)
         ran = engine.start_step < int(ctx.cfg.rl.steps)
         if ran or not _has_policy(rl_ctx.run_dir / "policy"):
             # Also when nothing ran but the policy folder is missing: a kill during the
