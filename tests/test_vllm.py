@@ -329,24 +329,25 @@ def test_the_default_pipeline_runs_with_vllm_rollouts(llama: Path, tmp_path: Pat
     assert 0.0 <= summary["gold_win_rate"] <= 1.0
 
 
+def _server_run(policy: Path) -> list[str]:
+    """A 2-step GRPO run on vLLM rollouts served by a separate process alignkit starts."""
+    return [
+        "stage=rl",
+        "algorithm=grpo",
+        "rollout=vllm",
+        "rollout.mode=server",
+        "model=hf",
+        f"model.path={policy}",
+        "reward=[gold]",
+        "logger=none",
+        "rl.steps=2",
+        "rl.prompts_per_step=4",
+        "rl.samples_per_prompt=2",
+    ]
+
+
 def test_server_mode_run_starts_and_stops_its_engine(sft_llama: Path, tmp_path: Path) -> None:
-    proc = run_cli(
-        [
-            "stage=rl",
-            "algorithm=grpo",
-            "rollout=vllm",
-            "rollout.mode=server",
-            "model=hf",
-            f"model.path={sft_llama}",
-            "reward=[gold]",
-            "logger=none",
-            "rl.steps=2",
-            "rl.prompts_per_step=4",
-            "rl.samples_per_prompt=2",
-            f"run_dir={tmp_path}",
-        ],
-        timeout=600,
-    )
+    proc = run_cli([*_server_run(sft_llama), f"run_dir={tmp_path}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "rl"]
     assert len(rows) == 2 and all(r["mismatch/kl"] < 1e-5 for r in rows)
@@ -358,19 +359,7 @@ def test_server_mode_run_starts_and_stops_its_engine(sft_llama: Path, tmp_path: 
 def test_two_fsdp_ranks_share_one_server(sft_llama: Path, tmp_path: Path) -> None:
     """backend=fsdp on 2 gloo ranks with rollout.mode=server: rank 0 starts one engine, both
     ranks sample from it, rank 0 syncs it; the run matches one process on the same batch."""
-    args = [
-        "stage=rl",
-        "algorithm=grpo",
-        "rollout=vllm",
-        "rollout.mode=server",
-        "model=hf",
-        f"model.path={sft_llama}",
-        "reward=[gold]",
-        "logger=none",
-        "rl.steps=2",
-        "rl.prompts_per_step=4",
-        "rl.samples_per_prompt=2",
-    ]
+    args = _server_run(sft_llama)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "alignkit.cli", *args, "backend=fsdp", f"run_dir={tmp_path / 'fsdp'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
