@@ -12,6 +12,7 @@ from tests.conftest import REPO, cli_env
 
 
 @pytest.mark.slow  # ~3 min to build the environment once, then ~4 min of tests
+@pytest.mark.timeout(2400)  # both together, on a slower machine than the suite's 900 s allow
 def test_vllm_suite_passes_in_its_own_environment() -> None:
     setup = subprocess.run(
         ["bash", "scripts/setup_vllm_env.sh"],
