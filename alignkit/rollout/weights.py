@@ -10,7 +10,6 @@ inference engine loads to follow the trainer.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import torch
@@ -68,5 +67,4 @@ def weights_blob(weights: Iterator[tuple[str, Tensor]]) -> bytes:
     from safetensors.torch import save
 
     tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in weights}
-    buffer = io.BytesIO(save(tensors))
-    return buffer.getvalue()
+    return save(tensors)
