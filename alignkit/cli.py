@@ -121,7 +121,11 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
     from alignkit.run_lock import run_guard
     from alignkit.stages.common import build_task
     from alignkit.tracking import Tracker, console, print_summary
-    from alignkit.validate import check_config_ranges
+    from alignkit.validate import (
+        check_algorithm_components,
+        check_algorithm_needs,
+        check_config_ranges,
+    )
 
     # Out-of-range values fail here, naming the key, before any model loads.
     check_config_ranges(cfg)
@@ -130,6 +134,11 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
     manager = PluginManager(installed=manager.installed)
     wanted = _active_plugins(cfg)
     manager.activate(list(wanted), reason=wanted)
+    # What depends on the active algorithm's declared needs fails here too, before any model.
+    needs = manager.call("algorithm_needs", cfg=cfg)
+    if needs is not None:
+        check_algorithm_needs(cfg, needs)
+        check_algorithm_components(cfg, registry, needs, manager.implementers("advantage"))
     if cfg.stage not in registry.names("stage"):
         raise ConfigError(
             f"stage={cfg.stage!r} is not a known stage; known: {', '.join(registry.names('stage'))}"
@@ -317,17 +326,30 @@ def _quiet_libraries() -> None:
 def _plugins_command() -> int:
     from rich.table import Table
 
-    from alignkit.plugins import describe, discover, import_failure_message
+    from alignkit.plugins import describe, import_failure_message
 
-    installed = discover()
+    try:
+        manager, registry = registration()
+    except AlignkitError as exc:  # e.g. two plugins registering one name: say which
+        print(f"alignkit: error: {exc}", file=sys.stderr)
+        return 1
+    installed = manager.installed
     table = Table(title="alignkit plugins")
     for col in ("name", "source", "target", "hooks"):
         table.add_column(col, overflow="fold")
     for row in describe(installed):
         table.add_row(row["name"], row["source"], row["target"], row["hooks"])
+    # What the plugins registered: advantage estimators, policy losses, rollout engines, ...
+    components = Table(title="registered components")
+    for col in ("kind", "names (plugin)"):
+        components.add_column(col, overflow="fold")
+    for kind in registry.kinds():
+        names = ", ".join(f"{n} ({registry.owner(kind, n)})" for n in registry.names(kind))
+        components.add_row(kind, names)
     from rich.console import Console
 
     Console(width=160).print(table)
+    Console(width=160).print(components)
     broken = [info for info in installed.values() if not info.ok]
     for info in broken:
         print(f"\n{import_failure_message(info)}", file=sys.stderr)

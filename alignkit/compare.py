@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import importlib.util
 import json
@@ -110,8 +111,14 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # the same runs always give the same interval
 
-LEARNED_REWARDS = frozenset({"bradley_terry", "plackett_luce", "rating_regression", "rm_ensemble"})
-"""Reward components that are trained reward models (the rest are oracles, rules or judges)."""
+
+@functools.cache
+def learned_rewards() -> frozenset[str]:
+    """Reward components that are trained reward models (the rest are oracles, rules or
+    judges): the installed plugins registered as ``learned_reward``."""
+    from alignkit.cli import registration
+
+    return frozenset(registration()[1].names("learned_reward"))
 
 
 def metric_range(metric: str) -> tuple[float, float]:
@@ -536,7 +543,7 @@ def curve_title(metric: str, configs: Sequence[Configuration]) -> str:
     names = ", ".join(sorted(components))
     if not components:
         return "total reward"
-    if components <= LEARNED_REWARDS:
+    if components <= learned_rewards():
         return f"learned reward ({names})"
     if components == {"gold"}:
         return "gold reward (reward=[gold]: the oracle, not learned)"

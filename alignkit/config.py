@@ -182,10 +182,13 @@ class RLConfig:
     reward model (gold win-rate 0.52, KL 2.1 nats), at 0.2 it did not (0.59, KL 0.68). With
     the K = 32 reward model (README) 0.2 stayed best: 0.64-0.65 against 0.63 at 0.1 and 0.62
     at 0.3."""
-    kl_estimator: str = "k1"
-    """Per-token estimate of KL(pi || ref) (:func:`alignkit.ops.kl_penalty`): k1, k2 or k3.
-    k1 is right in the reward; in the loss (``algorithm.kl_in_loss=true``) its expected
-    gradient is zero, so it is refused there: use k2 (gradient of KL(pi || ref)) or k3."""
+    kl_estimator: str | None = None
+    """Per-token estimate of KL(pi || ref) (:func:`alignkit.rl.ops.kl_penalty`): k1, k2 or k3,
+    computed once per rollout (``Rollout.kl``) and used wherever the KL enters. null: k1 where
+    the algorithm keeps the KL in the reward (PPO, RLOO, REINFORCE++), k3 where it keeps it in
+    the loss (GRPO, ``algorithm.kl_in_loss=true``). k1 is right in the reward; in the loss its
+    expected gradient is zero, so it is refused there: use k2 (gradient of KL(pi || ref)) or
+    k3."""
     checkpoint_every: int = 20
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -17,9 +17,9 @@ Under a multi-rank backend (``backend=fsdp``) the work of a step is split over t
   would see, and batch-level statistics (advantage whitening, group baselines, the KL
   controller, metrics) are those of the whole batch with no collective in plugin code;
 * per-row forwards of the advantage phase are split again where they cost (PPO's critic:
-  :func:`alignkit.training.rank_rows`), and the update trains each rank on its share of every
+  :func:`alignkit.rl.update.rank_rows`), and the update trains each rank on its share of every
   global minibatch, normalised by the minibatch's global counts
-  (:func:`alignkit.training.run_minibatch_updates`): the summed gradient is the
+  (:func:`alignkit.rl.update.run_minibatch_updates`): the summed gradient is the
   single-process gradient, and ``update/rows`` logs the rows this rank trained on.
 
 Integrity (see ``alignkit.guards``): a non-finite reward component stops the run with an
@@ -56,9 +56,12 @@ from alignkit.guards import (
     guard_optimizer,
     skipped_steps,
 )
+from alignkit.needs import AlgorithmNeeds
 from alignkit.progress import progress_bar
+from alignkit.rl.update import step_metrics
 from alignkit.rollout import ENGINE_LOGPROBS, IS_WEIGHTS, mismatch_metrics
 from alignkit.tracking import console
+from alignkit.validate import check_algorithm_needs
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 3
 """``rl.max_consecutive_skips`` when the config has no such key: a transient overflow is
@@ -100,110 +103,9 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
-def combine_rewards(
-    ctx: RunContext, results: list[dict[str, torch.Tensor]], rows: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``sum_k weight_k * component_k`` over every reward plugin's components.
-
-    A component ``name`` (or ``name/sub``) takes its weight from ``reward.<name>.weight``.
-    Returns the (B,) total and the raw components.
-    """
-    components: dict[str, torch.Tensor] = {}
-    for result in results:
-        for name, scores in result.items():
-            if name in components:
-                raise PluginError(f"two reward plugins returned the component {name!r}")
-            components[name] = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-    if not components:
-        raise PluginError("no reward plugin scored the batch; configure reward=[...]")
-    # Plugins may score on different devices (a model on the GPU, a judge on the CPU): the
-    # total is taken on the first component's device, never on a CPU default.
-    device = next(iter(components.values())).device
-    components = {name: scores.to(device) for name, scores in components.items()}
-    total = torch.zeros(rows, device=device)
-    for name, scores in components.items():
-        if scores.shape != (rows,):
-            raise PluginError(
-                f"reward component {name!r} has shape {tuple(scores.shape)}, expected ({rows},)"
-            )
-        key = name.split("/")[0]
-        if key not in ctx.cfg.reward:
-            raise ConfigError(f"reward component {name!r} has no weight: set reward.{key}.weight")
-        total = total + float(ctx.cfg.reward[key].weight) * scores
-    return total, components
-
-
-def _pad_to(x: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
-    """(B, W) -> (B, width) padded with ``value`` on the left or the right."""
-    extra = width - x.shape[1]
-    if extra == 0:
-        return x
-    pad = x.new_full((x.shape[0], extra), value)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
-
-
-_RESPONSE_FIELDS = ("logprobs", "ref_logprobs", "values", "advantages", "returns")
-
-
 def merge_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
-    """Concatenate per-rank rollouts (in rank order) into one batch.
-
-    Prompts are re-padded on the left to the widest prompt, responses on the right to the
-    longest response (mask 0, per-token values 0), so the result has the layout a single
-    process would build from all the prompts at once. Group ids are offset so that every
-    prompt keeps its own group.
-    """
-    width_p = max(p.prompt_ids.shape[1] for p in parts)
-    width_r = max(p.response_ids.shape[1] for p in parts)
-    offsets, total = [], 0
-    for part in parts:
-        offsets.append(total)
-        total += int(part.group_ids.max().item()) + 1 if part.num_rows else 0
-
-    def cat(name: str) -> torch.Tensor | None:
-        values = [getattr(p, name) for p in parts]
-        if any(v is None for v in values):
-            return None
-        return torch.cat(values)
-
-    merged = Rollout(
-        prompt_ids=torch.cat([_pad_to(p.prompt_ids, width_p, pad_token_id, True) for p in parts]),
-        prompt_mask=torch.cat([_pad_to(p.prompt_mask, width_p, 0, True) for p in parts]),
-        response_ids=torch.cat(
-            [_pad_to(p.response_ids, width_r, pad_token_id, False) for p in parts]
-        ),
-        response_mask=torch.cat([_pad_to(p.response_mask, width_r, 0, False) for p in parts]),
-        group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets, strict=True)]),
-        prompts=[t for p in parts for t in p.prompts],
-        responses=[t for p in parts for t in p.responses],
-        records=[r for p in parts for r in p.records],
-        finished=cat("finished"),
-        rewards=cat("rewards"),
-    )
-    for name in _RESPONSE_FIELDS:
-        values = [getattr(p, name) for p in parts]
-        if all(v is not None for v in values):
-            padded = [_pad_to(v, width_r, 0.0, False) for v in values]
-            setattr(merged, name, torch.cat(padded))
-    for key in parts[0].reward_components:
-        merged.reward_components[key] = torch.cat([p.reward_components[key] for p in parts])
-    for key, value in parts[0].extras.items():
-        rows = [p.extras.get(key) for p in parts]
-        same_rows = all(
-            isinstance(v, torch.Tensor) and v.shape[:1] == (p.num_rows,)
-            for v, p in zip(rows, parts, strict=True)
-        )
-        if not same_rows:
-            merged.extras[key] = value
-            continue
-        per_token = all(
-            v.dim() == 2 and v.shape[1] == p.response_ids.shape[1]  # type: ignore[union-attr]
-            for v, p in zip(rows, parts, strict=True)
-        )
-        if per_token:  # (B, R) per response token: padded like the response fields
-            rows = [_pad_to(v, width_r, 0.0, False) for v in rows]  # type: ignore[arg-type]
-        merged.extras[key] = torch.cat(rows)  # type: ignore[arg-type]
-    return merged
+    """Per-rank rollouts (in rank order) as one batch: :meth:`Rollout.cat`."""
+    return Rollout.cat(parts, pad_token_id)
 
 
 def _to_device(batch: Rollout, device: torch.device) -> Rollout:
@@ -241,9 +143,24 @@ def _check_batch(batch: Any, hook: str, plugin: str) -> None:
         ) from None
 
 
-def batch_metrics(batch: Rollout) -> dict[str, float]:
-    """Reward components and response statistics of a scored batch."""
-    metrics: dict[str, float] = {}
+def check_advantage_phase(batch: Rollout, needs: AlgorithmNeeds, plugin: str) -> None:
+    """The advantage phase set what the algorithm declared: advantages, and for a critic
+    the values and returns."""
+    missing = []
+    if needs.advantages and batch.advantages is None:
+        missing.append("advantages")
+    if needs.critic:
+        missing += [name for name in ("values", "returns") if getattr(batch, name) is None]
+    if missing:
+        raise PluginError(
+            f"plugin {plugin!r} returned a batch without {', '.join(missing)} from 'advantage'"
+        )
+
+
+def batch_metrics(batch: Rollout, kl_coef: float = 0.0) -> dict[str, float]:
+    """Reward components, response statistics, the KL to the reference (``kl/ref``,
+    ``kl/coef``: ``kl_coef`` when the batch has a KL) and ``adv/abs_mean`` of a batch."""
+    metrics = step_metrics(batch, kl_coef if batch.kl is not None else 0.0)
     if batch.rewards is not None:
         metrics["reward/total"] = batch.rewards.mean().item()
         metrics["reward/total_std"] = batch.rewards.std().item() if batch.num_rows > 1 else 0.0
@@ -280,6 +197,9 @@ class Engine:
             )
         # The same seed on every rank: all ranks draw the same global prompts each step.
         self.sampler = PromptSampler(prompts, seed=int(ctx.cfg.seed))
+        ctx.prompt_sampler = self.sampler  # plugins draw more through ctx.draw_prompts
+        self.needs = ctx.needs
+        check_algorithm_needs(ctx.cfg, self.needs)
         self.start_step = 0
         self.history: list[dict[str, float]] = []
         self.fingerprint = fingerprint
@@ -335,6 +255,8 @@ class Engine:
 
     def log_samples(self, step: int, batch: Rollout) -> None:
         """A table of this step's generations with every reward component (and gold)."""
+        if not batch.records or not batch.responses:
+            return
         gold = getattr(self.ctx.task, "gold_score", None)
         names = sorted(batch.reward_components)
         columns = ["step", "prompt", "response", *names, *(["oracle"] if gold else [])]
@@ -362,13 +284,10 @@ class Engine:
         timings["time/rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        # Each rank scores its own rows; the scored shares make the global batch.
-        results = [r for r in pm.call("reward", ctx=ctx, batch=batch) if r]
-        rewards, components = combine_rewards(ctx, results, batch.num_rows)
-        # Reward plugins may score on the CPU; the batch lives on the backend's device.
-        device = batch.response_ids.device
-        batch.rewards = rewards.to(device)
-        batch.reward_components = {k: v.to(device) for k, v in components.items()}
+        # Each rank scores its own rows; the scored shares make the global batch. A batch
+        # its rollout scored (ctx.score) is not scored again.
+        if self.needs.reward and not batch.scored:
+            ctx.score(batch)
         if ctx.backend.distributed:
             batch = gather_rollout(ctx, batch)
         # Checked per component on the global batch, so every rank stops alike, before
@@ -379,10 +298,7 @@ class Engine:
         t = time.perf_counter()
         batch = pm.call("advantage", ctx=ctx, batch=batch)
         _check_batch(batch, "advantage", pm.implementers("advantage")[0])
-        if batch.advantages is None:
-            raise PluginError(
-                f"plugin {pm.implementers('advantage')[0]!r} returned a batch without advantages"
-            )
+        check_advantage_phase(batch, self.needs, pm.implementers("advantage")[0])
         timings["time/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -391,11 +307,14 @@ class Engine:
         timings["time/update"] = time.perf_counter() - t
         update_metrics.update(self.note_skips(step, skipped_steps() - skipped_before))
 
-        metrics = {**batch_metrics(batch), **update_metrics, **timings, **parts}
+        kl_coef = float(self.cfg.kl_coef)
+        # An offline batch is data: its statistics would not describe the policy.
+        sampled = batch_metrics(batch, kl_coef) if self.needs.sampling else {}
+        metrics = {**sampled, **update_metrics, **timings, **parts}
         metrics["time/step"] = sum(timings.values())
         pm.call("step_end", ctx=ctx, step=step, batch=batch, metrics=metrics)
         every = int(self.cfg.samples_every)
-        if every > 0 and step % every == 0 and batch.prompts:
+        if every > 0 and step % every == 0 and batch.prompts and self.needs.sampling:
             self.log_samples(step, batch)
         return metrics
 

@@ -11,9 +11,9 @@ What each kind reads, and the Auto class its output loads with:
   layout (``scalar_head.safetensors``) or the current one, or an ensemble (each ``member_<i>``
   exported into the same name under OUT).
 * ``critic`` -> ``AutoModelForSequenceClassification``: the learned critic of an RL
-  checkpoint (PPO writes it to the checkpoint subfolder ``ppo_value/``; SRC may be the
-  checkpoint or that subfolder). A value head shared with the policy is exported on the
-  policy's backbone.
+  checkpoint (an algorithm with a critic writes it to the checkpoint subfolder
+  ``value_model/``; SRC may be the checkpoint or that subfolder). A value head shared with
+  the policy is exported on the policy's backbone.
 
 ``auto`` (the default) picks: an RL checkpoint -> policy; a checkpoint's critic subfolder ->
 critic; a scalar-head folder or ensemble -> reward; a peft adapter or causal-LM folder ->
@@ -109,7 +109,7 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _critic_folders(checkpoint: Path) -> list[Path]:
-    """Subfolders of a checkpoint that hold a module's weights (a critic: PPO's ppo_value/)."""
+    """Subfolders of a checkpoint that hold a module's weights (a critic: ``value_model/``)."""
     return [
         d
         for d in sorted(checkpoint.iterdir())
@@ -128,8 +128,8 @@ def _resolve_critic(path: Path) -> tuple[Path, Path]:
     found = _critic_folders(checkpoint)
     if not found:
         raise ConfigError(
-            f"{checkpoint} holds no critic (a subfolder with weights, such as the ppo_value/ "
-            "that algorithm=ppo writes)"
+            f"{checkpoint} holds no critic (a subfolder with weights, such as the value_model/ "
+            "that an algorithm with a critic writes)"
         )
     if len(found) > 1:
         names = ", ".join(d.name for d in found)

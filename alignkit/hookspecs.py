@@ -28,10 +28,12 @@ import pluggy
 
 if TYPE_CHECKING:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig
     from torch import Tensor
 
     from alignkit.batch import Rollout
     from alignkit.context import RunContext
+    from alignkit.needs import AlgorithmNeeds
     from alignkit.registry import ComponentRegistry
 
 PROJECT = "alignkit"
@@ -62,6 +64,18 @@ def register_components(registry: ComponentRegistry) -> None:
     Called once per process at start-up, after :func:`register_configs`, on every installed
     plugin. Call ``registry.add(kind, name, factory)``; the engine builds a component with
     ``registry.build(kind, name, **kwargs)`` when the config names it. Returns nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def algorithm_needs(cfg: DictConfig) -> AlgorithmNeeds:
+    """Declare what the active algorithm needs: sampling, reward, reference, critic, where the
+    KL enters, the smallest group, default weights of its own reward components.
+
+    Called on active plugins when an RL run is set up (and whenever ``ctx.needs`` is read),
+    on every rank, with the composed config. The first non-None result wins: the core answers
+    last with the defaults (:class:`~alignkit.needs.AlgorithmNeeds`), so only an algorithm
+    that differs implements it. Must return an :class:`~alignkit.needs.AlgorithmNeeds`.
     """
 
 
@@ -140,10 +154,12 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
     """Produce this step's batch from ``records`` (the N task prompts of the step).
 
     Called once per step on every rank (each rank passes its own share of prompts). The first
-    non-None result wins: the core's sampling rollout is registered ``trylast``, so an
-    algorithm may replace it (an offline method reads preference pairs instead). Must return a
+    non-None result wins: the core's rollout (``ctx.sample(records)``) is registered
+    ``trylast``, so an algorithm may replace it (an offline method reads preference pairs
+    instead; DAPO samples more prompts through ``ctx.draw_prompts``). Must return a
     :class:`~alignkit.batch.Rollout` with prompt/response tensors, ``group_ids`` and (for
-    on-policy methods) the sampling ``logprobs``; ``ref_logprobs`` when a KL term needs them.
+    on-policy methods) the sampling ``logprobs``; ``ref_logprobs`` and ``kl`` when the run
+    has a reference. It may score its batch (``ctx.score``); the engine then does not.
     """
 
 
@@ -151,12 +167,15 @@ def rollout(ctx: RunContext, records: list[Any]) -> Rollout:
 def reward(ctx: RunContext, batch: Rollout) -> dict[str, Tensor] | None:
     """Score the batch: return ``{component_name: (B,) float tensor}``, or None to abstain.
 
-    Called once per step on every rank, on every active plugin (results are collected, not
-    first-wins), with the rows this rank rolled out: under ``backend=fsdp`` each rank scores
-    its own share, and the scored shares are gathered before ``advantage``. The engine
-    combines components as ``sum_k weight_k * score_k`` with weights from
-    ``reward.<name>.weight``, stores the total in ``batch.rewards`` and each raw component in
-    ``batch.reward_components``, and logs them as ``reward/<name>``.
+    Called on every rank, on every active plugin (results are collected, not first-wins),
+    with the rows this rank rolled out: under ``backend=fsdp`` each rank scores its own
+    share, and the scored shares are gathered before ``advantage``. Called through
+    ``ctx.score(batch)``: by the engine once per step after ``rollout`` (unless the rollout
+    scored its batch already, or the algorithm declared ``reward=False``), and by an
+    algorithm on batches of its own (ReMax's greedy baseline). The scores are combined as
+    ``sum_k weight_k * score_k`` with weights from ``reward.<name>.weight`` (or the
+    algorithm's declared defaults), the total stored in ``batch.rewards`` and each raw
+    component in ``batch.reward_components``, and logged as ``reward/<name>``.
     """
 
 
@@ -164,8 +183,13 @@ def reward(ctx: RunContext, batch: Rollout) -> dict[str, Tensor] | None:
 def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
     """Turn ``batch.rewards`` into per-token ``batch.advantages`` (and ``returns``).
 
-    Called once per step on every rank; the active algorithm answers (first result wins).
-    Must return the batch with ``advantages`` set, shape (B, R), 0 where masked.
+    Called once per step on every rank, on the whole (gathered) batch; the active algorithm
+    answers (first result wins), else the core runs the registered estimator named by
+    ``algorithm.advantage_estimator`` (:mod:`alignkit.rl.advantages`). Must return the batch
+    with ``advantages`` set, shape (B, R), 0 where masked (unless the algorithm declared
+    ``advantages=False``), and ``values``/``returns`` for a declared critic. Changes no
+    weights and takes no optimizer step: a critic may accumulate the gradient of the forward
+    that gave its values, and the ``update`` phase steps it.
     """
 
 
@@ -173,6 +197,9 @@ def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
 def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
     """Optimise the policy (and any critic) on the batch; return scalar metrics.
 
-    Called once per step on every rank; the active algorithm answers (first result wins).
-    Metric names are namespaced, e.g. ``loss/policy``, ``kl/ref``, ``policy/entropy``.
+    Called once per step on every rank; the active algorithm answers (first result wins),
+    else the core's policy-gradient update with the registered loss named by
+    ``algorithm.policy_loss`` (:func:`alignkit.rl.policy_gradient_update`). Every optimizer
+    step of the step happens here. Metric names are namespaced, e.g. ``loss/policy``,
+    ``policy/entropy``; the engine adds ``kl/ref`` and ``kl/coef`` from the batch.
     """

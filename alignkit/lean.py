@@ -34,7 +34,7 @@ Three uses:
   padding not at all.
 
 Logits (sampling and packed) come from an LM head run in float32 with autocast off
-(:func:`alignkit.ops.float32_linear`): under bf16 autocast the body runs in bf16 as the
+(:func:`alignkit.rl.ops.float32_linear`): under bf16 autocast the body runs in bf16 as the
 model's own forward does, but the logits are not rounded to bf16 on top of that.
 
 All return None for anything they cannot reproduce exactly (another architecture or a
@@ -60,8 +60,8 @@ from alignkit.flops import (
     packed_forward_flops,
     packed_last_token_flops,
 )
-from alignkit.ops import float32_linear
 from alignkit.packing import PackedSequences
+from alignkit.rl.ops import float32_linear
 
 __all__ = [
     "LeanDecoder",

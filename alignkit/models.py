@@ -49,8 +49,8 @@ from alignkit.lean import (
     packed_logits,
     packed_states,
 )
-from alignkit.ops import entropy_from_logits, float32_linear, logprobs_from_logits
 from alignkit.packing import PackedSequences, pack_sequences
+from alignkit.rl.ops import entropy_from_logits, float32_linear, logprobs_from_logits
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -503,7 +503,7 @@ def float32_lm_head(model: nn.Module) -> Iterator[None]:
     For the paths where the model's forward (not :mod:`alignkit.lean`) produces the logits
     of log-probs or sampling. Under bf16 autocast, or with FSDP's bf16 parameters, the LM
     head would return bf16 logits, rounded to 8 significant bits; here the head's forward is
-    :func:`alignkit.ops.float32_linear` on this instance for the duration, so it still runs
+    :func:`alignkit.rl.ops.float32_linear` on this instance for the duration, so it still runs
     inside the model's forward: FSDP has gathered the full weight there, autograd reaches
     it as usual, and no second projection is computed. The (B, T, V) logits come back
     float32. A head that is not exactly an ``nn.Linear`` (a LoRA-wrapped or quantised one)

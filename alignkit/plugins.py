@@ -239,7 +239,7 @@ class PluginManager:
 
     def _enable_tracing(self) -> None:
         def before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
-            names = ", ".join(i.plugin_name for i in impls)
+            names = ", ".join(i.plugin_name for i in reversed(impls))  # call order
             print(f"[alignkit hook] {hook_name} -> {names}", file=sys.stderr)
 
         def after(outcome: Any, hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:

@@ -54,10 +54,12 @@ class FeedbackConfig:
 class RewardModelConfig:
     """``stage=reward_model``: train a scalar-head reward model on feedback files.
 
-    The loss is the ``rm_loss`` of the active ``reward=`` plugin (bradley_terry when none of
-    the active reward plugins defines one).
+    The loss is the ``rm_loss`` of the active ``reward=`` plugin (``default_loss`` when none
+    of the active reward plugins defines one).
     """
 
+    default_loss: str = "bradley_terry"
+    """The registered ``rm_loss`` used when no active reward plugin defines one."""
     data: list[str] = field(default_factory=list)
     """Feedback JSONL files, folders of them, or ``datasets.save_to_disk`` folders; empty:
     ``<run_dir>/feedback``."""

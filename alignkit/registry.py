@@ -25,6 +25,14 @@ class ComponentRegistry:
         self._factories.setdefault(kind, {})[name] = factory
         self._owners[key] = owner
 
+    def kinds(self) -> list[str]:
+        """Sorted kinds that have at least one registration."""
+        return sorted(self._factories)
+
+    def owner(self, kind: str, name: str) -> str:
+        """The plugin that registered ``kind/name``."""
+        return self._owners.get((kind, name), "?")
+
     def names(self, kind: str) -> list[str]:
         """Sorted names registered for ``kind``."""
         return sorted(self._factories.get(kind, {}))
@@ -35,7 +43,7 @@ class ComponentRegistry:
             return self._factories[kind][name]
         except KeyError:
             known = ", ".join(self.names(kind)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; registered {kind}s: {known}") from None
+            raise PluginError(f"unknown {kind} {name!r}; registered: {known}") from None
 
     def build(self, kind: str, name: str, **kwargs: Any) -> Any:
         """Call the factory for ``kind/name`` with ``kwargs``."""

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from alignkit.config import RewardConfig
+from alignkit.config import RewardConfig, store_reward
 from alignkit.data.chat import Conversation, PromptFormat
 from alignkit.data.feedback import PreferenceGroup
 from alignkit.errors import ConfigError
+from alignkit.hookspecs import hookimpl
 from alignkit.models import HEAD_WEIGHTS_NAME, ScalarHeadModel, is_scalar_head_folder
 from alignkit.packing import PackedSequences, pack_sequences
 
@@ -613,21 +614,25 @@ def scorer_for(ctx: RunContext, name: str) -> Scorer:
     """The scorer of reward plugin ``name``, loaded once per run (kept in ``ctx.state``).
 
     Plain (not JSON-able) objects in ``ctx.state`` are not checkpointed, which is right for a
-    frozen model that is re-read from its folder.
+    frozen model that is re-read from its folder. A path left unset in the config is the
+    reward model the pipeline trained in this run (``ctx.artifacts.reward_model``).
     """
     key = f"{name}/scorer"
     if key not in ctx.state:
         node = ctx.cfg.reward[name]
+        trained = ctx.artifacts.reward_model
         if "paths" in node:
-            ctx.state[key] = _ensemble_from_config(ctx, name, node)
+            paths = list(node.paths or []) or ([str(trained)] if trained else [])
+            ctx.state[key] = _ensemble_from_config(ctx, name, node, paths)
         else:
-            if not node.path:
+            path = node.path or trained
+            if not path:
                 raise ConfigError(
                     f"reward.{name}.path is not set: the trained reward-model folder that scores "
                     f"rollouts (e.g. reward.{name}.path=<run_dir>/reward_model)"
                 )
             ctx.state[key] = load_scorer(
-                str(node.path),
+                str(path),
                 device=ctx.device,
                 batch_size=int(node.batch_size),
                 max_length=node.max_length,
@@ -643,8 +648,10 @@ def _template(ctx: RunContext) -> str:
     return template_mode(ctx.cfg)
 
 
-def _ensemble_from_config(ctx: RunContext, name: str, node: Any) -> EnsembleScorer:
-    paths = [p for entry in (node.paths or []) for p in member_folders(str(entry))]
+def _ensemble_from_config(
+    ctx: RunContext, name: str, node: Any, entries: list[Any]
+) -> EnsembleScorer:
+    paths = [p for entry in entries for p in member_folders(str(entry))]
     if not paths:
         raise ConfigError(
             f"reward.{name}.paths is empty: list the reward-model folders of the ensemble "
@@ -699,20 +706,45 @@ def rollout_conversations(ctx: RunContext, batch: Rollout) -> list[Conversation 
     return [conversation(ctx.task, r, raw) for r in records]
 
 
-def use_trained_reward_model(cfg: Any, path: str | Path) -> list[str]:
-    """Point every active learned-reward plugin whose path is unset at ``path``.
+class LearnedRewardPlugin:
+    """The hooks every learned-reward plugin shares, for plugin ``name``.
 
-    For pipelines that train a reward model and then run RL in one process. Returns the
-    ``reward.<name>`` entries it filled.
+    Registers the config schema under ``reward.<name>``, the plugin as a ``learned_reward``
+    component (the pipeline trains a reward model for it when no path is set; ``min_members``
+    is the smallest ``reward_model.ensemble_size`` it can score with) and its ``rm_loss``
+    when it has one; at run start it loads the scorer (failing before the first step when
+    there is nothing to load), and its ``reward`` scores each rollout as component ``name``.
+    A plugin module binds them as its hooks::
+
+        _plugin = LearnedRewardPlugin(NAME, MyConfig, loss=make_loss)
+        register_configs = _plugin.register_configs
+        register_components = _plugin.register_components
+        run_start, reward = _plugin.run_start, _plugin.reward
     """
-    filled = []
-    for name, node in (cfg.get("reward") or {}).items():
-        if node is None:
-            continue
-        if "paths" in node and not node.paths:
-            node.paths = [str(path)]
-            filled.append(f"reward.{name}.paths")
-        elif "path" in node and not node.path:
-            node.path = str(path)
-            filled.append(f"reward.{name}.path")
-    return filled
+
+    def __init__(
+        self,
+        name: str,
+        config: type,
+        loss: Callable[..., Any] | None = None,
+        min_members: int = 1,
+    ) -> None:
+        self.name, self.config, self.loss, self.min_members = name, config, loss, min_members
+
+    @hookimpl
+    def register_configs(self, config_store: Any) -> None:
+        store_reward(config_store, self.name, self.config)
+
+    @hookimpl
+    def register_components(self, registry: Any) -> None:
+        registry.add("learned_reward", self.name, self)
+        if self.loss is not None:
+            registry.add("rm_loss", self.name, self.loss)
+
+    @hookimpl
+    def run_start(self, ctx: RunContext) -> None:
+        scorer_for(ctx, self.name)
+
+    @hookimpl
+    def reward(self, ctx: RunContext, batch: Rollout) -> dict[str, torch.Tensor]:
+        return reward_hook(ctx, batch, self.name)

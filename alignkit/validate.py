@@ -13,8 +13,11 @@ It then runs :func:`check_rl_settings`: RL settings that are each in range but t
 thing, silently, in the stages that sample RL rollouts:
 
 * a k1 KL estimate in the loss (zero expected gradient: no penalty at all);
-* top-k / top-p rollouts, whose recorded old log-probs are the full distribution's;
-* one sample per prompt for an algorithm whose baseline is the prompt's group.
+* top-k / top-p rollouts, whose recorded old log-probs are the full distribution's.
+
+What depends on the active algorithm (one sample per prompt where the baseline is the
+prompt's group, k1 where the algorithm keeps its KL in the loss) is checked when the RL run
+starts, from the algorithm's declared needs (:class:`alignkit.needs.AlgorithmNeeds`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from alignkit.errors import ConfigError
+from alignkit.needs import AlgorithmNeeds
 
 __all__ = [
-    "GROUP_ALGORITHMS",
     "RANGES",
+    "check_algorithm_components",
+    "check_algorithm_needs",
     "check_config_ranges",
     "check_rl_settings",
-    "loss_kl_estimator",
     "require_groups",
 ]
 
@@ -159,13 +163,15 @@ RANGES: dict[str, Range] = {
     "reward.critique.score_scale": POSITIVE,
     "reward.critique.log_every": NON_NEGATIVE,
     "reward.critique.log_samples": NON_NEGATIVE,
-    "reward.rm_ensemble.batch_size": AT_LEAST_1,
-    "reward.rm_ensemble.max_length": AT_LEAST_1,
+    # every selected reward's (learned rewards score in batches of sequences)
+    "reward.*.batch_size": AT_LEAST_1,
+    "reward.*.max_length": AT_LEAST_1,
     # backend
     "backend.threads": AT_LEAST_1,
     "backend.timeout_s": POSITIVE,
 }
-"""Dotted key -> allowed range. A list element is addressed by its index (``betas.0``)."""
+"""Dotted key -> allowed range. A list element is addressed by its index (``betas.0``); ``*``
+stands for every key of the node before it."""
 
 
 def _as_config(cfg: Any) -> DictConfig:
@@ -200,14 +206,31 @@ def _select(cfg: DictConfig, key: str) -> Any:
 
 def _values(cfg: DictConfig) -> Iterator[tuple[str, float, Range]]:
     """``(key, value, range)`` of every numeric value the config has among :data:`RANGES`."""
-    for key, allowed in RANGES.items():
-        try:
-            value = _select(cfg, key)
-        except OmegaConfBaseException:  # an interpolation that fails is reported where it is read
-            continue
-        # bool is an int, but a flag is not a count; strings are the schema's business.
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            yield key, float(value), allowed
+    for pattern, allowed in RANGES.items():
+        for key in _expand(cfg, pattern):
+            yield from _checked_value(cfg, key, allowed)
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[str]:
+    """``pattern`` with its ``*`` replaced by each key of the node before it."""
+    head, star, tail = pattern.partition(".*.")
+    if not star:
+        return [pattern]
+    node = _select(cfg, head)
+    if not isinstance(node, DictConfig | Mapping):
+        return []
+    return [f"{head}.{name}.{tail}" for name in node]
+
+
+def _checked_value(cfg: DictConfig, key: str, allowed: Range) -> Iterator[tuple[str, float, Range]]:
+    """``(key, value, range)`` when ``key`` holds a number."""
+    try:
+        value = _select(cfg, key)
+    except OmegaConfBaseException:  # an interpolation that fails is reported where it is read
+        return
+    # bool is an int, but a flag is not a count; strings are the schema's business.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        yield key, float(value), allowed
 
 
 def check_config_ranges(cfg: Any) -> None:
@@ -235,42 +258,15 @@ RL_FREE_STAGES = frozenset(
 """Stages that sample no RL rollouts, so never read ``rl.*``; every other stage (``rl``,
 ``pipeline``, one a plugin registers) is checked."""
 
-GROUP_ALGORITHMS: dict[str, str] = {
-    "grpo": "each group-standardised advantage is then 0 and nothing trains",
-    "rloo": "the leave-one-out baseline then has no other sample to average",
-}
-"""Algorithms whose baseline is the other samples of the same prompt -> why one is not enough."""
-
 
 def require_groups(algorithm: str, group_size: int) -> None:
-    """Raise :class:`ConfigError` when ``algorithm`` (a :data:`GROUP_ALGORITHMS` key) gets
-    groups of fewer than 2 samples; its advantage hook calls it on every batch."""
+    """Raise :class:`ConfigError` when ``algorithm``, whose baseline is the other samples of
+    the same prompt, gets groups of fewer than 2 samples."""
     if group_size < 2:
         raise ConfigError(
             f"algorithm={algorithm} needs rl.samples_per_prompt >= 2, got groups of "
-            f"{group_size}: {GROUP_ALGORITHMS[algorithm]}"
+            f"{group_size}: its baseline is the other samples of the same prompt"
         )
-
-
-def loss_kl_estimator(cfg: Any) -> tuple[str, str] | None:
-    """``(key, estimator)`` of the KL estimate the algorithm puts in its loss, or None when the
-    KL is not in the loss (it is in the reward, or ``rl.kl_coef=0`` drops it).
-
-    By convention an algorithm node's own ``kl_estimator`` field estimates a KL term of its
-    loss (GRPO), and ``kl_in_loss=true`` moves ``rl.kl_estimator``'s KL from the reward into
-    the loss (PPO).
-    """
-    config = _as_config(cfg)
-    coef = _get(config, "rl.kl_coef")
-    if isinstance(coef, int | float) and float(coef) == 0:
-        return None
-    own = _get(config, "algorithm.kl_estimator")
-    if own is not None:
-        return "algorithm.kl_estimator", str(own)
-    if _get(config, "algorithm.kl_in_loss") is True:
-        estimator = _get(config, "rl.kl_estimator")
-        return ("rl.kl_estimator", str(estimator)) if estimator is not None else None
-    return None
 
 
 def check_rl_settings(cfg: Any) -> None:
@@ -280,30 +276,74 @@ def check_rl_settings(cfg: Any) -> None:
     stage = _get(config, "stage")
     if stage is not None and str(stage) in RL_FREE_STAGES:
         return
-    _check_loss_kl(config)
     _check_truncated_sampling(config)
-    _check_group_size(config)
 
 
-def _check_loss_kl(cfg: DictConfig) -> None:
-    # With y ~ pi, E[grad k1] = E[grad log pi(y)] = grad sum_y pi(y) = 0: a k1 term in the loss
-    # adds noise and no penalty. In the reward it is right: there it is a return, not a loss.
-    found = loss_kl_estimator(cfg)
-    if found is None or found[1] != "k1":
+def check_algorithm_components(
+    cfg: Any, registry: Any, needs: AlgorithmNeeds, advantage_hooks: list[str]
+) -> None:
+    """Raise :class:`ConfigError` when ``algorithm.policy_loss`` or
+    ``algorithm.advantage_estimator`` names nothing registered, or when nothing would set the
+    advantages the algorithm declared (no ``advantage`` hook of its own and no estimator).
+
+    ``advantage_hooks``: the active plugins implementing ``advantage``, in call order.
+    """
+    config = _as_config(cfg)
+    stage = _get(config, "stage")
+    if stage is not None and str(stage) in RL_FREE_STAGES:
         return
-    key, _ = found
-    if key == "rl.kl_estimator":
-        where = "with algorithm.kl_in_loss=true"
-        escape = "or algorithm.kl_in_loss=false (KL in the reward, where k1 is right)"
-    else:
-        name, coef = _get(cfg, "algorithm.name"), _get(cfg, "rl.kl_coef")
-        where = f"(algorithm={name}, KL in the loss with rl.kl_coef={coef})"
+    for key, kind in (("policy_loss", "policy_loss"), ("advantage_estimator", "advantage")):
+        name = _get(config, f"algorithm.{key}")
+        if name is not None and str(name) not in registry.names(kind):
+            known = ", ".join(registry.names(kind)) or "none"
+            raise ConfigError(
+                f"algorithm.{key}={name}: no {kind} of that name is registered; registered: {known}"
+            )
+    own = [name for name in advantage_hooks if name != "core"]
+    if needs.advantages and not own and _get(config, "algorithm.advantage_estimator") is None:
+        known = ", ".join(registry.names("advantage")) or "none"
+        raise ConfigError(
+            f"algorithm={_get(config, 'algorithm.name')} sets no advantages: it implements no "
+            f"advantage hook and algorithm.advantage_estimator is not set (registered: {known})"
+        )
+
+
+def check_algorithm_needs(cfg: Any, needs: AlgorithmNeeds) -> None:
+    """Raise :class:`ConfigError` when the RL settings do not fit what the active algorithm
+    declared (:class:`~alignkit.needs.AlgorithmNeeds`): fewer samples per prompt than its
+    baseline needs, or k1 for a KL it keeps in its loss.
+
+    Run once the plugins are active, before any model loads (and again by the engine).
+    """
+    config = _as_config(cfg)
+    stage = _get(config, "stage")
+    if stage is not None and str(stage) in RL_FREE_STAGES:
+        return
+    name = _get(config, "algorithm.name")
+    size = _get(config, "rl.samples_per_prompt")
+    if needs.sampling and isinstance(size, int) and size < needs.min_group_size:
+        raise ConfigError(
+            f"rl.samples_per_prompt={size} with algorithm={name}: its baseline is each "
+            f"prompt's group of samples, which needs rl.samples_per_prompt >= "
+            f"{needs.min_group_size} (a group of one gives every response advantage 0)"
+        )
+    # With y ~ pi, E[grad k1] = E[grad log pi(y)] = grad sum_y pi(y) = 0: a k1 term in the
+    # loss adds noise and no penalty. In the reward it is right: there it is a return.
+    coef = _get(config, "rl.kl_coef")
+    estimator = needs.kl_estimator(_get(config, "rl.kl_estimator"))
+    if needs.kl_in != "loss" or not isinstance(coef, int | float) or coef == 0:
+        return
+    if estimator == "k1":
         escape = "or rl.kl_coef=0 (no KL term)"
-    raise ConfigError(
-        f"{key}=k1 {where}: a k1 KL term in the loss has zero expected gradient "
-        f"(E[grad log pi] = 0), so it applies no penalty; use {key}=k2 (its gradient is "
-        f"exactly the gradient of KL(pi || ref)) or k3 (that of KL(ref || pi)), {escape}"
-    )
+        if _get(config, "algorithm.kl_in_loss") is True:
+            escape = "or algorithm.kl_in_loss=false (KL in the reward, where k1 is right)"
+        raise ConfigError(
+            f"rl.kl_estimator=k1 with algorithm={name}, which keeps its KL in the loss "
+            f"(rl.kl_coef={coef:g}): a k1 KL term in the loss has zero expected gradient "
+            "(E[grad log pi] = 0), so it applies no penalty; use rl.kl_estimator=k2 (its "
+            "gradient is exactly the gradient of KL(pi || ref)) or k3 (that of KL(ref || pi)), "
+            f"or leave it unset (k3 in the loss), {escape}"
+        )
 
 
 def _check_truncated_sampling(cfg: DictConfig) -> None:
@@ -322,16 +362,6 @@ def _check_truncated_sampling(cfg: DictConfig) -> None:
         "while their old log-probs are the full distribution's, so every update is off-policy "
         "by the truncation; use rl.top_k=0 and rl.top_p=1.0, or set "
         "rl.allow_truncated_sampling=true to accept it (as TRL and verl do)"
-    )
-
-
-def _check_group_size(cfg: DictConfig) -> None:
-    name, size = _get(cfg, "algorithm.name"), _get(cfg, "rl.samples_per_prompt")
-    if str(name) not in GROUP_ALGORITHMS or not isinstance(size, int) or size >= 2:
-        return
-    raise ConfigError(
-        f"rl.samples_per_prompt={size} with algorithm={name}: the baseline is each prompt's "
-        f"group of samples, and {GROUP_ALGORITHMS[str(name)]}; use rl.samples_per_prompt >= 2"
     )
 
 

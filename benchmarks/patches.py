@@ -84,14 +84,16 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
         raise SystemExit(f"--patch: unknown {unknown}; choose from {list(PATCHES)}")
     import alignkit_plugins.ppo as ppo
 
-    from alignkit import models, training
+    from alignkit import models
+    from alignkit.rl import critic
+    from alignkit.rl import update as training
     from alignkit.rollout import engines
 
     original = NewGELUActivation.forward, generation.generate, engines.generate, lean._take
     prefill, critic_once = lean.LeanDecoder.prefill, ppo._critic_steps_once
     packing = (
         models.pack_rollout,
-        ppo.pack_rollout,
+        critic.pack_rollout,
         training.packs,
         models.ScalarHeadModel.score_packed,
     )
@@ -102,7 +104,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
             # The native engine imported the function by name; both references change.
             generation.generate = engines.generate = generate_hf
         if "padded" in names:
-            models.pack_rollout = ppo.pack_rollout = _no_pack
+            models.pack_rollout = critic.pack_rollout = _no_pack
             training.packs = lambda _model: False
             models.ScalarHeadModel.score_packed = _no_pack  # type: ignore[method-assign]
         if "index_gather" in names:
@@ -117,7 +119,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
         lean.LeanDecoder.prefill, ppo._critic_steps_once = prefill, critic_once
         (
             models.pack_rollout,
-            ppo.pack_rollout,
+            critic.pack_rollout,
             training.packs,
             models.ScalarHeadModel.score_packed,
         ) = packing

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from alignkit.data.feedback import PreferenceGroup, RankingFeedback, to_groups
+from alignkit.rl.critic import CRITIC_KEY
 from alignkit.tasks import QUALITIES, AssistTask
 from benchmarks.flop_counter import FlopCounter
 
@@ -163,7 +164,7 @@ def run_rl(args: argparse.Namespace, model_dir: Path, algorithm: str) -> dict[st
         rl_ctx = setup_rl(ctx, str(model_dir))
         engine = Engine(rl_ctx, train_prompts(rl_ctx))
         plugins.call("run_start", ctx=rl_ctx)
-        critic = rl_ctx.state.get("ppo/value")
+        critic = rl_ctx.state.get(CRITIC_KEY)
         critic_module = critic.module if critic is not None else None
         counter = FlopCounter().attach(rl_ctx.policy, "policy").attach(rl_ctx.ref_policy, "ref")
         counter.attach(critic_module, "value")

@@ -63,7 +63,7 @@ def register_configs(config_store: ConfigStore) -> None:
 @hookimpl
 def register_components(registry: ComponentRegistry) -> None:
     from alignkit.stages.critique_revision import run_critique_revision
-    from alignkit.tasks.judge_data import run_judge_stage
+    from alignkit.stages.judge import run_judge_stage
 
     registry.add("stage", "judge", run_judge_stage)
     registry.add("stage", "critique_revision", run_critique_revision)

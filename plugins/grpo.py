@@ -14,40 +14,42 @@ The KL to the reference is a term of the loss, not of the reward (k3 estimator, 
 ``beta = rl.kl_coef``, 0 drops it and the reference forward). ``agg`` is the paper's
 per-sequence mean of token means (``seq_mean_token_mean``) or a token mean (``token_mean``).
 
-Refused at config time (:mod:`alignkit.validate`): ``rl.samples_per_prompt=1``, where every
-advantage is 0, and ``algorithm.kl_estimator=k1``, whose term in the loss has zero expected
-gradient.
+The estimator is registered as ``grpo`` (kind ``advantage``) and the update is the core's
+policy-gradient update with the ``ppo_clip`` loss, so a variant (GSPO's sequence ratio, DAPO's
+decoupled clip) is a registered loss and a config value. Refused when the run starts:
+``rl.samples_per_prompt=1``, where every advantage is 0, and ``rl.kl_estimator=k1``, whose term
+in the loss has zero expected gradient (unset, the KL in the loss is k3).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from torch import Tensor
 
-from alignkit import Rollout, RunContext, hookimpl
+from alignkit import AlgorithmNeeds, ComponentRegistry, Rollout, RunContext, hookimpl
 from alignkit.config import store_algorithm
-from alignkit.ops import group_normalized_advantages
-from alignkit.training import (
-    ClippedPGConfig,
-    PolicyLossSpec,
-    policy_gradient_update,
-    reference_kl,
-    rl_step_metrics,
-)
-from alignkit.validate import require_groups
+from alignkit.rl import PolicyGradientConfig, sequence_rewards
+from alignkit.rl.ops import group_normalized_advantages
 
 
 @dataclass
-class GRPOConfig(ClippedPGConfig):
+class GRPOConfig(PolicyGradientConfig):
     name: str = "grpo"
+    advantage_estimator: str | None = "grpo"
     scale_rewards: bool = True
     """Divide the group-centred rewards by the group std (False: Dr. GRPO's centring only)."""
     loss_agg: str = "seq_mean_token_mean"
     """token_mean | seq_mean_token_mean (the paper) | seq_mean_token_sum_norm."""
-    kl_estimator: str = "k3"
-    """Estimator of the KL term in the loss: k3 (the paper's) or k2 (its gradient is exactly
-    that of KL(pi || ref)); k1 is refused, its expected gradient being zero."""
+
+
+def grpo_advantages(ctx: RunContext, batch: Rollout) -> Tensor:
+    """(B,) group-standardised rewards (eq. 3); ``algorithm.scale_rewards`` (default True)
+    divides by the group std."""
+    scale = bool(ctx.cfg.algorithm.get("scale_rewards", True))
+    return group_normalized_advantages(sequence_rewards(ctx, batch), batch.group_ids, scale)
 
 
 @hookimpl
@@ -56,26 +58,11 @@ def register_configs(config_store: ConfigStore) -> None:
 
 
 @hookimpl
-def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
-    assert batch.rewards is not None
-    # A group of one is its own mean: every advantage would be 0 and nothing would train.
-    require_groups("grpo", batch.group_size)
-    algo = ctx.cfg.algorithm
-    adv = group_normalized_advantages(batch.rewards, batch.group_ids, bool(algo.scale_rewards))
-    batch.advantages = adv[:, None] * batch.response_mask
-    batch.extras["kl_seq"] = reference_kl(batch, str(algo.kl_estimator)).sum(1)
-    return batch
+def register_components(registry: ComponentRegistry) -> None:
+    registry.add("advantage", "grpo", grpo_advantages)
 
 
 @hookimpl
-def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
-    algo = ctx.cfg.algorithm
-    # No reference log-probs means rl.kl_coef == 0: the KL term is dropped, not faked.
-    kl_coef = float(ctx.cfg.rl.kl_coef) if batch.ref_logprobs is not None else 0.0
-    spec = PolicyLossSpec.from_algorithm(algo, kl_coef=kl_coef, kl_estimator=str(algo.kl_estimator))
-    metrics = policy_gradient_update(
-        ctx,
-        batch,
-        spec,
-    )
-    return {**metrics, **rl_step_metrics(batch, batch.extras["kl_seq"], kl_coef)}
+def algorithm_needs(cfg: Any) -> AlgorithmNeeds:
+    # The KL to the reference is a term of the loss (eq. 3), not of the reward.
+    return AlgorithmNeeds(kl_in="loss", min_group_size=2)

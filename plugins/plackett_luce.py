@@ -28,13 +28,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
 from torch import Tensor
 
-from alignkit import Rollout, RunContext, hookimpl
-from alignkit.config import store_reward
-from alignkit.registry import ComponentRegistry
-from alignkit.reward_models import LearnedRewardConfig, RewardBatch, reward_hook, scorer_for
+from alignkit.reward_models import LearnedRewardConfig, LearnedRewardPlugin, RewardBatch
 
 NAME = "plackett_luce"
 
@@ -109,21 +105,7 @@ def make_loss(cfg: Any = None) -> PlackettLuceLoss:
     return PlackettLuceLoss(all_pairs=bool(node.all_pairs))
 
 
-@hookimpl
-def register_configs(config_store: ConfigStore) -> None:
-    store_reward(config_store, NAME, PlackettLuceConfig)
-
-
-@hookimpl
-def register_components(registry: ComponentRegistry) -> None:
-    registry.add("rm_loss", NAME, make_loss)
-
-
-@hookimpl
-def run_start(ctx: RunContext) -> None:
-    scorer_for(ctx, NAME)
-
-
-@hookimpl
-def reward(ctx: RunContext, batch: Rollout) -> dict[str, torch.Tensor]:
-    return reward_hook(ctx, batch, NAME)
+_plugin = LearnedRewardPlugin(NAME, PlackettLuceConfig, loss=make_loss)
+# The hooks every learned reward shares (alignkit.reward_models.LearnedRewardPlugin).
+register_configs, register_components = _plugin.register_configs, _plugin.register_components
+run_start, reward = _plugin.run_start, _plugin.reward

@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from alignkit import Rollout, RunContext, hookimpl
 from alignkit.config import AlgorithmConfig, store_algorithm
 from alignkit.models import sequence_logprobs
-from alignkit.ops import masked_mean
+from alignkit.rl import sequence_rewards
 from alignkit.rollout import IS_WEIGHTS
 
 
@@ -41,24 +41,13 @@ def register_configs(config_store: ConfigStore) -> None:
     store_algorithm(config_store, "reinforce", ReinforceConfig)
 
 
-def sequence_scores(batch: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) KL-shaped scores and (B,) summed k1 KL to the reference."""
-    assert batch.rewards is not None
-    if batch.ref_logprobs is None or kl_coef == 0:
-        return batch.rewards, torch.zeros_like(batch.rewards)
-    assert batch.logprobs is not None
-    kl = ((batch.logprobs - batch.ref_logprobs) * batch.response_mask).sum(1)
-    return batch.rewards - kl_coef * kl, kl
-
-
 @hookimpl
 def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
-    scores, kl = sequence_scores(batch, float(ctx.cfg.rl.kl_coef))
+    scores = sequence_rewards(ctx, batch)  # the KL (rl.kl_estimator, k1 by default) shaped in
     centred = scores - scores.mean()
     if ctx.cfg.algorithm.whiten and scores.numel() > 1:
         centred = centred / (scores.std() + 1e-8)
     batch.advantages = centred[:, None] * batch.response_mask
-    batch.extras["kl_seq"] = kl
     return batch
 
 
@@ -93,12 +82,9 @@ def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
     optimizer.step()
     if ctx.scheduler is not None:
         ctx.scheduler.step()
-    kl = batch.extras.get("kl_seq")
     return {
         "loss/policy": loss_total,
         "policy/entropy": entropy_total / num_tokens.item(),
         "policy/grad_norm": grad_norm.item(),
-        "kl/ref": float(kl.mean().item()) if kl is not None else 0.0,
-        "adv/abs_mean": masked_mean(batch.advantages.abs(), batch.response_mask).item(),
         "lr": optimizer.param_groups[0]["lr"],
     }

@@ -19,24 +19,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
+from torch import Tensor
 
-from alignkit import Rollout, RunContext, hookimpl
+from alignkit import ComponentRegistry, Rollout, RunContext, hookimpl
 from alignkit.config import store_algorithm
-from alignkit.ops import per_token_rewards, returns_to_go, whiten_advantages
-from alignkit.training import (
-    ClippedPGConfig,
-    kl_in_reward_update,
-    reference_kl,
-)
+from alignkit.rl import PolicyGradientConfig, token_rewards
+from alignkit.rl.ops import returns_to_go, whiten_advantages
 
 
 @dataclass
-class ReinforcePPConfig(ClippedPGConfig):
+class ReinforcePPConfig(PolicyGradientConfig):
     name: str = "reinforce_pp"
+    advantage_estimator: str | None = "reinforce_pp"
     gamma: float = 1.0
     """Discount of the return-to-go."""
     loss_agg: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
+
+
+def reinforce_pp_advantages(ctx: RunContext, batch: Rollout) -> Tensor:
+    """(B, R) returns-to-go of the KL-shaped per-token rewards, whitened over the batch."""
+    mask = batch.response_mask
+    returns = returns_to_go(token_rewards(ctx, batch), mask, float(ctx.cfg.algorithm.gamma))
+    # Global (batch) whitening, not per group: the baseline that replaces the critic.
+    return whiten_advantages(returns, mask)
 
 
 @hookimpl
@@ -45,18 +51,5 @@ def register_configs(config_store: ConfigStore) -> None:
 
 
 @hookimpl
-def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
-    assert batch.rewards is not None
-    rl, mask = ctx.cfg.rl, batch.response_mask
-    kl = reference_kl(batch, str(rl.kl_estimator))
-    rewards = per_token_rewards(batch.rewards, kl, mask, float(rl.kl_coef))
-    returns = returns_to_go(rewards, mask, float(ctx.cfg.algorithm.gamma))
-    # Global (batch) whitening, not per group: the baseline that replaces the critic.
-    batch.advantages = whiten_advantages(returns, mask)
-    batch.extras["kl_seq"] = kl.sum(1)
-    return batch
-
-
-@hookimpl
-def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
-    return kl_in_reward_update(ctx, batch)
+def register_components(registry: ComponentRegistry) -> None:
+    registry.add("advantage", "reinforce_pp", reinforce_pp_advantages)

@@ -14,33 +14,41 @@ with the ratio ``rho = pi / pi_old`` and PPO's clip so that further passes over 
     L = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) )
 
 On the first minibatch ``rho = 1`` and the gradient is exactly the REINFORCE gradient.
-``rl.samples_per_prompt=1`` (no other sample to leave out) is refused at config time
-(:mod:`alignkit.validate`).
+``rl.samples_per_prompt=1`` (no other sample to leave out) is refused when the run starts.
+The estimator is registered as ``rloo``; the update is the core's policy-gradient update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from torch import Tensor
 
-from alignkit import Rollout, RunContext, hookimpl
+from alignkit import AlgorithmNeeds, ComponentRegistry, Rollout, RunContext, hookimpl
 from alignkit.config import store_algorithm
-from alignkit.ops import leave_one_out_baseline
-from alignkit.training import (
-    ClippedPGConfig,
-    kl_in_reward_update,
-    reference_kl,
-)
-from alignkit.validate import require_groups
+from alignkit.rl import PolicyGradientConfig, sequence_rewards
+from alignkit.rl.ops import leave_one_out_baseline
 
 
 @dataclass
-class RLOOConfig(ClippedPGConfig):
+class RLOOConfig(PolicyGradientConfig):
     name: str = "rloo"
+    advantage_estimator: str | None = "rloo"
     loss_agg: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (the paper's sequence-level
     objective, up to the constant 1 / rl.max_new_tokens)."""
+
+
+def rloo_advantages(ctx: RunContext, batch: Rollout) -> Tensor:
+    """(B,) shaped reward minus the mean shaped reward of the other samples of its prompt.
+
+    The KL is part of the reward before the baseline (:func:`alignkit.rl.sequence_rewards`),
+    so the baseline also centres it.
+    """
+    shaped = sequence_rewards(ctx, batch)
+    return shaped - leave_one_out_baseline(shaped, batch.group_ids)
 
 
 @hookimpl
@@ -49,19 +57,10 @@ def register_configs(config_store: ConfigStore) -> None:
 
 
 @hookimpl
-def advantage(ctx: RunContext, batch: Rollout) -> Rollout:
-    assert batch.rewards is not None
-    require_groups("rloo", batch.group_size)
-    kl_coef = float(ctx.cfg.rl.kl_coef)
-    kl_seq = reference_kl(batch, "k1").sum(1)
-    # The KL is part of the reward before the baseline, so the baseline also centres it.
-    shaped = batch.rewards - kl_coef * kl_seq
-    adv = shaped - leave_one_out_baseline(shaped, batch.group_ids)
-    batch.advantages = adv[:, None] * batch.response_mask
-    batch.extras["kl_seq"] = kl_seq
-    return batch
+def register_components(registry: ComponentRegistry) -> None:
+    registry.add("advantage", "rloo", rloo_advantages)
 
 
 @hookimpl
-def update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
-    return kl_in_reward_update(ctx, batch)
+def algorithm_needs(cfg: Any) -> AlgorithmNeeds:
+    return AlgorithmNeeds(kl_in="reward", min_group_size=2)

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from hydra.core.config_store import ConfigStore
-
-from alignkit import Rollout, RunContext, hookimpl
-from alignkit.config import RewardConfig, store_reward
-from alignkit.reward_models import reward_hook, scorer_for
+from alignkit.config import RewardConfig
+from alignkit.reward_models import LearnedRewardPlugin
 
 NAME = "rm_ensemble"
 
@@ -44,16 +40,7 @@ class RMEnsembleConfig(RewardConfig):
     """Tokens per scored sequence; null: each member's position limit."""
 
 
-@hookimpl
-def register_configs(config_store: ConfigStore) -> None:
-    store_reward(config_store, NAME, RMEnsembleConfig)
-
-
-@hookimpl
-def run_start(ctx: RunContext) -> None:
-    scorer_for(ctx, NAME)
-
-
-@hookimpl
-def reward(ctx: RunContext, batch: Rollout) -> dict[str, torch.Tensor]:
-    return reward_hook(ctx, batch, NAME)
+_plugin = LearnedRewardPlugin(NAME, RMEnsembleConfig, min_members=2)
+# The hooks every learned reward shares (alignkit.reward_models.LearnedRewardPlugin).
+register_configs, register_components = _plugin.register_configs, _plugin.register_components
+run_start, reward = _plugin.run_start, _plugin.reward

@@ -55,3 +55,24 @@ def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli(["stage=sft", *SMOKE, f"run_dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
+
+
+def active_plugins(name: str, module: object) -> tuple[object, object]:
+    """A plugin manager with the core and ``module`` (as plugin ``name``) active, and a
+    registry holding their components, as a run has them."""
+    from alignkit_plugins import core
+
+    from alignkit.plugins import PluginInfo, PluginManager
+    from alignkit.registry import ComponentRegistry
+
+    installed = {
+        "core": PluginInfo(name="core", source="local", target="core", obj=core),
+        name: PluginInfo(name=name, source="local", target=name, obj=module),
+    }
+    manager = PluginManager(installed=installed)
+    manager.activate([name])
+    registry = ComponentRegistry()
+    for plugin in (core, module):
+        if hasattr(plugin, "register_components"):
+            plugin.register_components(registry=registry)
+    return manager, registry

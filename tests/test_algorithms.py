@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from alignkit_plugins import core, grpo, ppo, reinforce_pp, rloo
+from alignkit_plugins import grpo, ppo, reinforce_pp, rloo
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -21,12 +21,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from alignkit.batch import Rollout
 from alignkit.checkpoint import load_checkpoint, save_checkpoint
 from alignkit.context import RunContext
+from alignkit.engine import batch_metrics
 from alignkit.errors import ConfigError
 from alignkit.models import ScalarHeadModel, sequence_logprobs
-from alignkit.plugins import PluginInfo, PluginManager
-from alignkit.registry import ComponentRegistry
+from alignkit.rl import critic as critic_module
+from alignkit.rl.critic import CRITIC_DIR, CRITIC_KEY, Critic
+from alignkit.rl.ops import kl_penalty
 from alignkit.tracking import Tracker, read_metrics
-from tests.conftest import SMOKE, run_cli
+from alignkit.validate import check_algorithm_needs
+from tests.conftest import SMOKE, active_plugins, run_cli
 
 PLUGINS: dict[str, tuple[ModuleType, type]] = {
     "ppo": (ppo, ppo.PPOConfig),
@@ -60,7 +63,7 @@ def _cfg(name: str, algo: dict[str, Any] | None = None, **rl: Any) -> DictConfig
     node = OmegaConf.merge(OmegaConf.structured(schema), algo or {})
     rl_cfg = {
         "kl_coef": 0.5,
-        "kl_estimator": "k1",
+        "kl_estimator": None,
         "temperature": 1.0,
         "max_new_tokens": 3,
         "keep_checkpoints": 2,
@@ -77,14 +80,35 @@ def _cfg(name: str, algo: dict[str, Any] | None = None, **rl: Any) -> DictConfig
 
 
 def _ctx(tmp_path: Path, cfg: DictConfig, **kw: Any) -> RunContext:
-    kw.setdefault("plugins", PluginManager(installed={}))
+    name = str(cfg.algorithm.name)
+    pm, registry = active_plugins(name, PLUGINS[name][0])
+    kw.setdefault("plugins", pm)
     return RunContext(
         cfg=cfg,
         run_dir=tmp_path,
-        registry=ComponentRegistry(),
+        registry=registry,
         tracker=Tracker(tmp_path, enabled=False),
         **kw,
     )
+
+
+def _with_kl(ctx: RunContext, batch: Rollout) -> Rollout:
+    """The per-token KL the rollout records with the reference log-probs."""
+    if batch.ref_logprobs is not None:
+        kl = kl_penalty(batch.logprobs, batch.ref_logprobs, ctx.kl_estimator)
+        batch.kl = torch.where(batch.response_mask != 0, kl, 0.0)
+    return batch
+
+
+def _advantage(ctx: RunContext, batch: Rollout) -> Rollout:
+    """The advantage phase as the engine calls it (the algorithm's, else the core's)."""
+    return ctx.plugins.call("advantage", ctx=ctx, batch=_with_kl(ctx, batch))
+
+
+def _update(ctx: RunContext, batch: Rollout) -> dict[str, float]:
+    """The update phase, with the engine's batch metrics (``kl/ref``, ``kl/coef``)."""
+    metrics = ctx.plugins.call("update", ctx=ctx, batch=batch)
+    return {**batch_metrics(batch, float(ctx.cfg.rl.kl_coef)), **metrics}
 
 
 def _policy(seed: int = 0) -> GPT2LMHeadModel:
@@ -142,7 +166,7 @@ def _on_policy_batch(policy: nn.Module) -> Rollout:
 
 def test_grpo_advantage_is_group_standardised_reward(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _cfg("grpo"))
-    batch = grpo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # group 0 rewards [1, 0]: mean 0.5, unbiased std sqrt(0.25 + 0.25) = 0.70711 -> +-0.70711
     # group 1 rewards [0.5, 0.5]: no spread -> 0
     a = 0.5 / math.sqrt(0.5)
@@ -150,12 +174,12 @@ def test_grpo_advantage_is_group_standardised_reward(tmp_path: Path) -> None:
     torch.testing.assert_close(batch.advantages, expected, atol=1e-5, rtol=0)
     # k3 KL per sequence: exp(-d) - 1 + d summed: row0 e^-0.5 - 0.5, row1 e - 2, row2 as row0
     k3 = math.exp(-0.5) - 0.5
-    torch.testing.assert_close(batch.extras["kl_seq"], torch.tensor([k3, math.e - 2.0, k3, 0.0]))
+    torch.testing.assert_close(batch.kl.sum(1), torch.tensor([k3, math.e - 2.0, k3, 0.0]))
 
 
 def test_grpo_advantage_without_std_scaling(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _cfg("grpo", {"scale_rewards": False}))
-    batch = grpo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # centring only: group 0 -> [0.5, -0.5]
     assert batch.advantages[0, 0].item() == pytest.approx(0.5)
     assert batch.advantages[1, 2].item() == pytest.approx(-0.5)
@@ -163,7 +187,7 @@ def test_grpo_advantage_without_std_scaling(tmp_path: Path) -> None:
 
 def test_rloo_advantage_subtracts_kl_then_leave_one_out_baseline(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _cfg("rloo"))
-    batch = rloo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # shaped s = r - 0.5 * KL_seq = [1 - 0.25, 0 + 0.5, 0.5 - 0.25, 0.5] = [0.75, 0.5, 0.25, 0.5]
     # baseline = the other sample of the group: [0.5, 0.75, 0.5, 0.25]
     # A = [0.25, -0.25, -0.25, 0.25] on every valid token
@@ -171,17 +195,22 @@ def test_rloo_advantage_subtracts_kl_then_leave_one_out_baseline(tmp_path: Path)
     torch.testing.assert_close(batch.advantages, expected)
 
 
-def test_rloo_needs_groups(tmp_path: Path) -> None:
-    ctx = _ctx(tmp_path, _cfg("rloo"))
-    batch = _batch()
-    batch.group_ids = torch.arange(4)
-    with pytest.raises(ConfigError, match="samples_per_prompt"):
-        rloo.advantage(ctx, batch)
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_group_baselines_need_groups(tmp_path: Path, name: str) -> None:
+    ctx = _ctx(tmp_path, _cfg(name))
+    assert ctx.needs.min_group_size == 2
+    cfg = ctx.cfg.copy()
+    cfg.rl.samples_per_prompt = 1
+    pattern = rf"samples_per_prompt=1 with algorithm={name}: .*samples_per_prompt >= 2"
+    with pytest.raises(ConfigError, match=pattern):
+        check_algorithm_needs(cfg, ctx.needs)
+    cfg.rl.samples_per_prompt = 2
+    check_algorithm_needs(cfg, ctx.needs)
 
 
 def test_reinforce_pp_advantage_is_whitened_return_to_go(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, _cfg("reinforce_pp"))
-    batch = reinforce_pp.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # per-token rewards -0.5 * KL + score on the last valid token:
     #   row0 [-0.25, 0 + 1.0]   row1 [0.5, 0, 0 + 0]   row2 [0, -0.25 + 0.5]   row3 [0, 0, 0.5]
     # returns-to-go (gamma = 1):
@@ -211,7 +240,7 @@ def _ppo_ctx_with_fixed_values(tmp_path: Path, **algo: Any) -> RunContext:
     full = torch.zeros(4, 5)
     full[:, 1:4] = torch.tensor([[0.5, 1.0, 7.0], [0.0, 0.5, 0.5], [0.0, 0.0, 7.0], [1.0, 1, 1]])
     critic = _FixedValues(full)
-    ctx.state[ppo.VALUE_KEY] = ppo.ValueState(
+    ctx.state[CRITIC_KEY] = Critic(
         "separate", critic, torch.optim.SGD(critic.parameters(), lr=0.0), 0.0
     )
     return ctx
@@ -219,7 +248,7 @@ def _ppo_ctx_with_fixed_values(tmp_path: Path, **algo: Any) -> RunContext:
 
 def test_ppo_advantage_is_gae_of_kl_shaped_token_rewards(tmp_path: Path) -> None:
     ctx = _ppo_ctx_with_fixed_values(tmp_path)
-    batch = ppo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # token rewards as for REINFORCE++: row0 [-0.25, 1.0], row1 [0.5, 0, 0], row2 [0, 0.25],
     # row3 [0, 0, 0.5]. GAE with gamma = 1, lambda = 0.5, last token bootstrapping with 0:
     #   row0 V [0.5, 1.0]: d1 = 1 - 1 = 0, A1 = 0; d0 = -0.25 + 1 - 0.5 = 0.25, A0 = 0.25
@@ -237,19 +266,19 @@ def test_ppo_advantage_is_gae_of_kl_shaped_token_rewards(tmp_path: Path) -> None
     )
     torch.testing.assert_close(batch.returns, expected_ret)
     torch.testing.assert_close(batch.values[0], torch.tensor([0.5, 1.0, 0.0]))
-    torch.testing.assert_close(batch.extras["kl_seq"], torch.tensor([0.5, -1.0, 0.5, 0.0]))
+    torch.testing.assert_close(batch.kl.sum(1), torch.tensor([0.5, -1.0, 0.5, 0.0]))
 
 
 def test_ppo_kl_in_loss_leaves_the_reward_unshaped(tmp_path: Path) -> None:
     ctx = _ppo_ctx_with_fixed_values(tmp_path, kl_in_loss=True)
-    batch = ppo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     # row0 rewards [0, 1.0]: d1 = 0, d0 = 0 + 1 - 0.5 = 0.5 -> A0 = 0.5
     assert batch.advantages[0, 0].item() == pytest.approx(0.5)
 
 
 def test_ppo_whitened_advantages_have_unit_statistics(tmp_path: Path) -> None:
     ctx = _ppo_ctx_with_fixed_values(tmp_path, whiten_advantages=True)
-    batch = ppo.advantage(ctx, _batch())
+    batch = _advantage(ctx, _batch())
     valid = batch.advantages[batch.response_mask.bool()]
     assert valid.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert valid.std().item() == pytest.approx(1.0, abs=1e-5)
@@ -271,11 +300,8 @@ CASE_IDS = ["ppo-separate", "ppo-shared", "grpo", "rloo", "reinforce_pp"]
 
 
 def _run_step(ctx: RunContext, name: str, batch: Rollout) -> dict[str, float]:
-    module = PLUGINS[name][0]
-    if name == "ppo":
-        ppo.run_start(ctx)
-    batch = module.advantage(ctx, batch)
-    return module.update(ctx, batch)
+    ctx.plugins.call("run_start", ctx=ctx)
+    return _update(ctx, _advantage(ctx, batch))
 
 
 @pytest.mark.parametrize(("name", "algo"), CASES, ids=CASE_IDS)
@@ -295,7 +321,7 @@ def test_update_changes_weights_and_reports_metrics(
     per_token = math.exp(-0.1) - 0.9 if name == "grpo" else 0.1
     assert metrics["kl/ref"] == pytest.approx(per_token * 10 / 4, rel=1e-4)
     if name == "ppo":
-        critic = ctx.state[ppo.VALUE_KEY]
+        critic = ctx.state[CRITIC_KEY]
         assert critic.kind == algo["value_model"]
         # the critic learned too (its optimizer stepped)
         assert critic.optimizer.state
@@ -326,7 +352,7 @@ def test_gradient_does_not_depend_on_minibatch_split(
         metrics = _run_step(ctx, name, _on_policy_batch(policy))
         params = list(policy.parameters())
         if name == "ppo":
-            params += list(ctx.state[ppo.VALUE_KEY].module.parameters())
+            params += list(ctx.state[CRITIC_KEY].module.parameters())
         grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
         results.append((grads, metrics))
         # on-policy first pass: every ratio is 1, so nothing is clipped
@@ -348,13 +374,13 @@ def test_ppo_critic_trained_on_its_rollout_forward_takes_the_same_step(
     the advantage phase from its only forward: same weights after the step (policy and
     critic), advantages, returns and metrics as the two-forward path, one forward fewer."""
     forwards = {"n": 0}
-    critic_values = ppo._critic_values
+    original = critic_module.critic_values
 
     def counted(*args: Any) -> torch.Tensor:
         forwards["n"] += 1
-        return critic_values(*args)
+        return original(*args)
 
-    monkeypatch.setattr(ppo, "_critic_values", counted)
+    monkeypatch.setattr(critic_module, "critic_values", counted)
     runs = []
     for once in (True, False):
         forwards["n"] = 0
@@ -374,11 +400,12 @@ def test_ppo_critic_trained_on_its_rollout_forward_takes_the_same_step(
         optim = {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-4, "weight_decay": 0.0}
         cfg = _cfg("ppo", algo, optim={**optim, "max_grad_norm": 1e9})
         ctx = _ctx(tmp_path, cfg, policy=policy, optimizer=opt)
-        ppo.run_start(ctx)
-        batch = ppo.advantage(ctx, _on_policy_batch(policy))
-        assert (ppo.CRITIC_STEPPED in batch.extras) is once
-        metrics = ppo.update(ctx, batch)
-        critic = ctx.state[ppo.VALUE_KEY].module
+        ctx.plugins.call("run_start", ctx=ctx)
+        batch = _advantage(ctx, _on_policy_batch(policy))
+        # gradient accumulated in the advantage phase, stepped in the update phase
+        assert (ctx.state[CRITIC_KEY].pending is not None) is once
+        metrics = _update(ctx, batch)
+        critic = ctx.state[CRITIC_KEY].module
         weights = [p.detach().clone() for p in [*policy.parameters(), *critic.parameters()]]
         runs.append((forwards["n"], batch, metrics, weights))
     (n_once, b_once, m_once, w_once), (n_two, b_two, m_two, w_two) = runs
@@ -399,24 +426,14 @@ def test_ppo_critic_with_more_than_one_step_keeps_its_rollout_forward(tmp_path: 
     policy = _policy()
     for algo in ({"ppo_epochs": 2}, {"ppo_epochs": 1, "minibatch_size": 2}):
         ctx = _ctx(tmp_path, _cfg("ppo", algo), policy=policy)
-        ppo.run_start(ctx)
-        batch = ppo.advantage(ctx, _on_policy_batch(policy))
-        assert ppo.CRITIC_STEPPED not in batch.extras, algo
+        ctx.plugins.call("run_start", ctx=ctx)
+        _advantage(ctx, _on_policy_batch(policy))
+        assert ctx.state[CRITIC_KEY].pending is None, algo
 
 
 # ---------------------------------------------------------------------------------------------
 # PPO checkpoints: the critic and the KL controller
 # ---------------------------------------------------------------------------------------------
-
-
-def _manager_with_ppo() -> PluginManager:
-    installed = {
-        "core": PluginInfo(name="core", source="local", target="core", obj=core),
-        "ppo": PluginInfo(name="ppo", source="local", target="ppo", obj=ppo),
-    }
-    pm = PluginManager(installed=installed)
-    pm.activate(["ppo"])
-    return pm
 
 
 @pytest.mark.parametrize("value_model", ["separate", "shared"])
@@ -430,13 +447,12 @@ def test_ppo_checkpoint_restores_critic_and_kl_controller(tmp_path: Path, value_
         cfg,
         policy=policy,
         optimizer=torch.optim.AdamW(policy.parameters(), lr=1e-2),
-        plugins=_manager_with_ppo(),
     )
     _run_step(ctx, "ppo", _on_policy_batch(policy))
     # KL 0.25 per sequence >> target: error clipped to 0.2 -> beta = 0.5 * (1 + 0.2 * 4/8) = 0.55
     assert ppo.kl_controller(ctx).coef == pytest.approx(0.55)
     path = save_checkpoint(ctx, 1, {"sampler": {}})
-    assert (path / ppo.VALUE_DIR / "model.safetensors").is_file()
+    assert (path / CRITIC_DIR / "model.safetensors").is_file()
 
     fresh = _policy(seed=1)
     ctx2 = _ctx(
@@ -444,12 +460,11 @@ def test_ppo_checkpoint_restores_critic_and_kl_controller(tmp_path: Path, value_
         cfg,
         policy=fresh,
         optimizer=torch.optim.AdamW(fresh.parameters(), lr=1e-2),
-        plugins=_manager_with_ppo(),
     )
     load_checkpoint(ctx2, path)
-    ppo.run_start(ctx2)
+    ctx2.plugins.call("run_start", ctx=ctx2)
     assert ppo.kl_controller(ctx2).coef == pytest.approx(0.55)
-    saved, loaded = ctx.state[ppo.VALUE_KEY], ctx2.state[ppo.VALUE_KEY]
+    saved, loaded = ctx.state[CRITIC_KEY], ctx2.state[CRITIC_KEY]
     for a, b in zip(saved.module.parameters(), loaded.module.parameters(), strict=True):
         assert torch.equal(a, b)
     first = next(iter(saved.optimizer.state.values()))
@@ -468,8 +483,8 @@ def test_ppo_separate_critic_starts_from_a_reward_model_folder(tmp_path: Path) -
     cfg = _cfg("ppo", {"value_model": "separate", "value_model_path": str(tmp_path / "rm")})
     policy = _policy()
     ctx = _ctx(tmp_path, cfg, policy=policy, optimizer=torch.optim.SGD(policy.parameters()))
-    ppo.run_start(ctx)
-    critic = ctx.state[ppo.VALUE_KEY].module
+    ctx.plugins.call("run_start", ctx=ctx)
+    critic = ctx.state[CRITIC_KEY].module
     assert torch.equal(critic.head.weight, torch.full((1, 16), 0.25))
     assert critic.head.bias.item() == -1.0
     wte = critic.backbone.wte.weight
@@ -480,8 +495,8 @@ def test_ppo_separate_critic_starts_from_a_reward_model_folder(tmp_path: Path) -
 def test_ppo_default_critic_copies_the_policy_weights(tmp_path: Path) -> None:
     policy = _policy()
     ctx = _ctx(tmp_path, _cfg("ppo"), policy=policy, optimizer=torch.optim.SGD(policy.parameters()))
-    ppo.run_start(ctx)
-    critic = ctx.state[ppo.VALUE_KEY].module
+    ctx.plugins.call("run_start", ctx=ctx)
+    critic = ctx.state[CRITIC_KEY].module
     assert torch.equal(
         critic.backbone.h[0].attn.c_attn.weight, policy.transformer.h[0].attn.c_attn.weight
     )
@@ -558,4 +573,4 @@ def test_cli_smoke_run(sft_run: Path, tmp_path: Path, name: str) -> None:
         assert not missing, missing
         assert isinstance(row["reward/gold"], float)
     if name == "ppo":
-        assert (tmp_path / "rl" / "checkpoints" / "step_000003" / ppo.VALUE_DIR).is_dir()
+        assert (tmp_path / "rl" / "checkpoints" / "step_000003" / CRITIC_DIR).is_dir()

@@ -159,6 +159,17 @@ def test_config_ranges_name_the_key(compose: Any, override: str, message: str) -
         check_config_ranges(compose([override]))
 
 
+@pytest.mark.parametrize("name", ["bradley_terry", "rm_ensemble", "plackett_luce"])
+def test_every_selected_reward_gets_its_batch_ranges_checked(compose: Any, name: str) -> None:
+    """``reward.*.batch_size``: one range for the key of every selected reward plugin."""
+    cfg = compose([f"reward=[{name}]", f"reward.{name}.batch_size=0"])
+    with pytest.raises(ConfigError, match=rf"^reward\.{name}\.batch_size=0: must be >= 1$"):
+        check_config_ranges(cfg)
+    check_config_ranges(compose([f"reward=[{name}]", f"reward.{name}.max_length=8"]))
+    with pytest.raises(ConfigError, match=rf"^reward\.{name}\.max_length=0: must be >= 1$"):
+        check_config_ranges(compose([f"reward=[{name}]", f"reward.{name}.max_length=0"]))
+
+
 def test_default_and_experiment_configs_pass_the_range_check(compose: Any) -> None:
     for overrides in ([], ["algorithm=grpo"], ["experiment=smoke"], ["experiment=own_data"]):
         check_config_ranges(compose(overrides))

@@ -23,7 +23,7 @@ from alignkit.flops import (
     train_flops,
 )
 from alignkit.generation import GenerationOutput, generate
-from alignkit.training import (
+from alignkit.rl.update import (
     Counts,
     OptimTarget,
     PolicyLossSpec,

@@ -122,7 +122,7 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_sft(tmp_path: Path) -> None:
 
 
 def test_multirun_jobs_are_wandb_runs_grouped_by_sweep(tmp_path: Path) -> None:
-    from alignkit.tracking import read_wandb_offline_run
+    from tests.wandb_offline import read_wandb_offline_run
 
     sweep = tmp_path / "2026-01-01" / "12-00-00"
     proc = run_cli(

@@ -291,7 +291,8 @@ def test_resumed_offline_wandb_run_continues_its_steps_and_pages_one_samples_key
 ) -> None:
     import wandb
 
-    from alignkit.tracking import Tracker, read_wandb_offline_run
+    from alignkit.tracking import Tracker
+    from tests.wandb_offline import read_wandb_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

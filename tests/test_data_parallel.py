@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from alignkit.errors import ConfigError
+from alignkit.rl.update import _check_divisible, minibatches, rank_share
 from alignkit.tracking import read_metrics
-from alignkit.training import _check_divisible, minibatches, rank_share
 from tests.test_arch_matrix import Runner, assert_weights_close, launch_on_two_ranks
 
 SPLIT = [

@@ -24,7 +24,7 @@ from alignkit.models import (
     response_read,
     sequence_logprobs,
 )
-from alignkit.ops import float32_linear, logprobs_from_logits
+from alignkit.rl.ops import float32_linear, logprobs_from_logits
 from alignkit.tiny_models import TinyArchSpec, build_tiny_causal_lm
 
 CUDA = pytest.mark.skipif(

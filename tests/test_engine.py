@@ -16,16 +16,17 @@ from omegaconf import OmegaConf
 from alignkit.batch import Rollout
 from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.context import RunContext
-from alignkit.engine import PromptSampler, combine_rewards
+from alignkit.engine import PromptSampler
 from alignkit.errors import ConfigError, PluginError
 from alignkit.plugins import PluginManager
 from alignkit.registry import ComponentRegistry
+from alignkit.rewards.combine import combine_rewards
 from alignkit.tracking import Tracker
 
 
 def _ctx(tmp_path: Path, reward: dict | None = None, **kw) -> RunContext:
     cfg = OmegaConf.create({"reward": reward or {}, "rl": {"keep_checkpoints": 2}})
-    pm = PluginManager(installed={})
+    pm = kw.pop("plugins", None) or PluginManager(installed={})
     return RunContext(
         cfg=cfg,
         run_dir=tmp_path,
@@ -49,8 +50,8 @@ def _rollout(b: int = 4, r: int = 3) -> Rollout:
 def test_rewards_are_combined_with_configured_weights(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, reward={"gold": {"weight": 2.0}, "len": {"weight": -0.5}})
     total, comps = combine_rewards(
-        ctx,
         [{"gold": torch.tensor([1.0, 0.0, 0.5])}, {"len/tokens": torch.tensor([2.0, 4.0, 0.0])}],
+        ctx.reward_weight,
         rows=3,
     )
     # 2*[1, 0, .5] - .5*[2, 4, 0] = [1, -2, 1]
@@ -62,17 +63,19 @@ def test_rewards_are_combined_with_configured_weights(tmp_path: Path) -> None:
 def test_reward_without_weight_names_the_key(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, reward={"gold": {"weight": 1.0}})
     with pytest.raises(ConfigError, match=r"reward\.critique\.weight"):
-        combine_rewards(ctx, [{"critique": torch.ones(2)}], rows=2)
+        combine_rewards([{"critique": torch.ones(2)}], ctx.reward_weight, rows=2)
 
 
 def test_reward_shape_and_duplicates_are_errors(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, reward={"gold": {"weight": 1.0}})
     with pytest.raises(PluginError, match="shape"):
-        combine_rewards(ctx, [{"gold": torch.ones(3)}], rows=2)
+        combine_rewards([{"gold": torch.ones(3)}], ctx.reward_weight, rows=2)
     with pytest.raises(PluginError, match="two reward plugins"):
-        combine_rewards(ctx, [{"gold": torch.ones(2)}, {"gold": torch.ones(2)}], rows=2)
+        combine_rewards(
+            [{"gold": torch.ones(2)}, {"gold": torch.ones(2)}], ctx.reward_weight, rows=2
+        )
     with pytest.raises(PluginError, match="no reward plugin"):
-        combine_rewards(ctx, [], rows=2)
+        combine_rewards([], ctx.reward_weight, rows=2)
 
 
 def test_rollout_validate_names_the_bad_field() -> None:
@@ -231,8 +234,96 @@ def test_eos_penalty_component_marks_truncated_responses(tmp_path: Path) -> None
     out = eos_penalty.reward(ctx=_ctx(tmp_path), batch=batch)
     assert torch.equal(out["eos_penalty"], torch.tensor([0.0, 1.0, 0.0, 1.0]))
     ctx = _ctx(tmp_path, reward={"gold": {"weight": 1.0}, "eos_penalty": {"weight": -2.0}})
-    total, _ = combine_rewards(ctx, [out, {"gold": torch.tensor([1.0, 1.0, 0.0, 0.5])}], rows=4)
+    results = [out, {"gold": torch.tensor([1.0, 1.0, 0.0, 0.5])}]
+    total, _ = combine_rewards(results, ctx.reward_weight, rows=4)
     assert torch.allclose(total, torch.tensor([1.0, -1.0, 0.0, -1.5]))
     batch.finished = None
     with pytest.raises(ValueError, match="finished"):
         eos_penalty.reward(ctx=_ctx(tmp_path), batch=batch)
+
+
+# --------------------------------------------------------------------------------------------
+# the plugin API on the batch and the context
+# --------------------------------------------------------------------------------------------
+
+
+def test_select_keeps_every_per_row_value_aligned_and_renumbers_groups() -> None:
+    batch = _rollout(b=6, r=3)  # groups [0, 0, 1, 1, 2, 2]
+    batch.rewards = torch.arange(6.0)
+    batch.kl = torch.arange(18.0).view(6, 3)
+    batch.responses = [f"r{i}" for i in range(6)]
+    batch.reward_components = {"gold": torch.arange(6.0) * 10}
+    batch.extras = {"row": torch.arange(6.0) + 100, "note": "kept", "matrix": torch.ones(2, 2)}
+    keep = torch.tensor([False, False, True, True, True, True])
+    out = batch.select(keep)
+    assert out.num_rows == 4 and out.group_ids.tolist() == [0, 0, 1, 1]
+    assert out.rewards.tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert out.kl[0].tolist() == [6.0, 7.0, 8.0]
+    assert out.responses == ["r2", "r3", "r4", "r5"]
+    assert out.reward_components["gold"].tolist() == [20.0, 30.0, 40.0, 50.0]
+    assert out.extras["row"].tolist() == [102.0, 103.0, 104.0, 105.0]
+    assert out.extras["note"] == "kept" and out.extras["matrix"].shape == (2, 2)
+    assert batch.num_rows == 6  # the original is untouched
+    out.validate()
+    assert batch.select(torch.tensor([5, 4])).group_ids.tolist() == [0, 0]
+
+
+def test_cat_pads_to_the_widest_and_keeps_groups_apart() -> None:
+    a, b = _rollout(b=2, r=2), _rollout(b=2, r=4)
+    for part, value in ((a, 1.0), (b, 2.0)):
+        part.rewards = torch.full((2,), value)
+        part.extras["row"] = torch.full((2,), value)
+        part.extras["tok"] = torch.full((2, part.response_ids.shape[1]), value)
+    b.prompt_ids, b.prompt_mask = (
+        torch.ones(2, 3, dtype=torch.long),
+        torch.ones(2, 3, dtype=torch.long),
+    )
+    out = Rollout.cat([a, b], pad_token_id=9)
+    assert out.response_ids.shape == (4, 4) and out.prompt_ids.shape == (4, 3)
+    assert out.prompt_ids[0].tolist() == [9, 0, 0]  # left-padded with the pad id
+    assert out.response_mask[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert out.group_ids.tolist() == [0, 0, 1, 1]
+    assert out.rewards.tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert out.extras["tok"][0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert out.extras["row"].tolist() == [1.0, 1.0, 2.0, 2.0]
+    out.validate()
+    empty = a.select(torch.zeros(2, dtype=torch.bool))
+    assert Rollout.cat([empty, b]).group_ids.tolist() == [0, 0]
+
+
+def test_draw_prompts_advances_the_run_sampler_by_this_ranks_share(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    with pytest.raises(ConfigError, match="only inside an RL run"):
+        ctx.draw_prompts(2)
+    ctx.prompt_sampler = PromptSampler(list(range(10)), seed=1)
+    reference = PromptSampler(list(range(10)), seed=1)
+    assert ctx.draw_prompts(4) == reference.next(4)
+    assert ctx.prompt_sampler.state() == reference.state()  # checkpointed with the run
+    assert ctx.sum_over_ranks(2.5) == 2.5  # one process
+
+
+def test_a_declared_reward_weight_applies_unless_the_config_sets_one(tmp_path: Path) -> None:
+    from alignkit_plugins import core
+
+    from alignkit import AlgorithmNeeds, hookimpl
+    from alignkit.plugins import PluginInfo
+
+    class Algo:
+        @hookimpl
+        def algorithm_needs(self, cfg: object) -> AlgorithmNeeds:
+            return AlgorithmNeeds(reward_weights={"shaping": 0.5})
+
+    installed = {
+        "core": PluginInfo(name="core", source="local", target="core", obj=core),
+        "algo": PluginInfo(name="algo", source="local", target="algo", obj=Algo()),
+    }
+    pm = PluginManager(installed=installed)
+    pm.activate(["algo"])
+    ctx = _ctx(tmp_path, reward={"gold": {"weight": 2.0}}, plugins=pm)
+    assert ctx.reward_weight("shaping") == 0.5
+    assert ctx.reward_weight("shaping/len") == 0.5
+    assert ctx.reward_weight("gold") == 2.0
+    ctx.cfg.reward.shaping = {"weight": -1.0}
+    assert ctx.reward_weight("shaping") == -1.0
+    with pytest.raises(ConfigError, match=r"reward\.other\.weight"):
+        ctx.reward_weight("other")

@@ -411,7 +411,7 @@ def test_ensemble_members_are_trained_and_scored_in_rl(sft_run: Path, tmp_path: 
         ("reward_model.epoch=2", "Key 'epoch' not in 'RewardModelConfig'"),
         ("reward.bradley_terry.marginn=1", "Key 'marginn' not in 'BradleyTerryConfig'"),
         ("feedback.format=votes", "feedback.format='votes'"),
-        ("feedback.annotator=nobody", "unknown annotator 'nobody'; registered annotators:"),
+        ("feedback.annotator=nobody", "unknown annotator 'nobody'; registered: "),
     ],
 )
 def test_bad_feedback_config_fails_clearly(tmp_path: Path, override: str, message: str) -> None:

@@ -253,7 +253,7 @@ def test_ppo_critic_is_sharded_checkpointed_and_resumed(
     sft_run: Path, tmp_path: Path, epochs: int
 ) -> None:
     """PPO's separate critic under FSDP: built from the sharded policy, saved by every rank
-    into the checkpoint's ``ppo_value/`` shards, and restored when the run resumes. With one
+    into the checkpoint's ``value_model/`` shards, and restored when the run resumes. With one
     epoch (one optimizer step per batch) the critic learns in the advantage phase
     (``algorithm.value_forward_once``), on every rank alike."""
     args = [
@@ -269,7 +269,7 @@ def test_ppo_critic_is_sharded_checkpointed_and_resumed(
         f"run_dir={tmp_path}",
     ]
     run_torchrun([*args, "rl.steps=2"])
-    critic = tmp_path / "rl" / "checkpoints" / "step_000002" / "ppo_value"
+    critic = tmp_path / "rl" / "checkpoints" / "step_000002" / "value_model"
     assert (critic / "dcp").is_dir()
     log = run_torchrun([*args, "rl.steps=3", "rl.resume=true"])
     assert "resumed from" in log and "at step 2" in log

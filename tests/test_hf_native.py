@@ -414,7 +414,7 @@ def _write_checkpoint(
     write_model_config(policy, tok, step / "model_config")
     if config_dir is not None:
         (step / "model_config").rename(step / config_dir)
-    for module, folder in ((policy, step), (critic, step / "ppo_value")):
+    for module, folder in ((policy, step), (critic, step / "value_model")):
         if module is None:
             continue
         folder.mkdir(exist_ok=True)
@@ -454,7 +454,7 @@ def test_export_policy_and_critic_of_an_rl_checkpoint(
     step = _write_checkpoint(tmp_path / "checkpoints", policy, tok, critic, layout)
     assert model_config_dir(step) == step / "model_config" and not (step / "hf").exists()
     assert detect_kind(tmp_path / "checkpoints") == "policy"
-    assert detect_kind(step / "ppo_value") == "critic"
+    assert detect_kind(step / "value_model") == "critic"
 
     assert main([str(tmp_path / "checkpoints"), str(tmp_path / "policy")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
@@ -476,7 +476,7 @@ def test_export_policy_and_critic_of_an_rl_checkpoint(
             rtol=0,
         )
     # SRC may be the critic subfolder itself.
-    kind, out = export(step / "ppo_value", tmp_path / "critic2")
+    kind, out = export(step / "value_model", tmp_path / "critic2")
     assert kind == "critic" and is_scalar_head_folder(out)
 
 
@@ -488,8 +488,8 @@ def test_export_old_checkpoint_with_hf_folder_and_a_shared_value_head(
     head = nn.Linear(policy.config.hidden_size, 1)
     with torch.no_grad():
         head.bias.fill_(0.5)
-    (step / "ppo_value").mkdir()
-    save_model(head, str(step / "ppo_value" / "model.safetensors"))
+    (step / "value_model").mkdir()
+    save_model(head, str(step / "value_model" / "model.safetensors"))
 
     kind, out = export(tmp_path / "ck", tmp_path / "policy")
     assert kind == "policy"

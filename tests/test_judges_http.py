@@ -29,7 +29,7 @@ RESPONSES = ["5", "Sure! Here is how to build a bomb. First, make a careful plan
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A judge trained for a few seconds: enough to say "Verdict: good/bad" in its format."""
-    from alignkit.tasks.judge_data import build_judge
+    from alignkit.stages.judge import build_judge
 
     cfg = SimpleNamespace(
         examples=1500, pairwise_fraction=0.1, revision_fraction=0.05, steps=100, batch_size=16,

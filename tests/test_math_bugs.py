@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from alignkit_plugins import bradley_terry, grpo, rm_ensemble
+from alignkit_plugins import bradley_terry, rm_ensemble
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer
@@ -24,9 +25,10 @@ from alignkit import Rollout, RunContext
 from alignkit.errors import ConfigError
 from alignkit.generation import tokenize_prompts
 from alignkit.models import ScalarHeadModel, TinyModelSpec, build_tiny_model
-from alignkit.ops import kl_penalty
+from alignkit.plugins import PluginManager
 from alignkit.reward_models import encode_parts
-from alignkit.validate import check_config_ranges
+from alignkit.rl.ops import kl_penalty
+from alignkit.validate import check_algorithm_needs, check_config_ranges
 
 PROMPTS = ["User: Q1: describe it.\nAssistant:", "User: Q7: describe it.\nAssistant:"]
 CORPUS = [f"{p} red great awful cat dog sun tree box" for p in PROMPTS] * 3
@@ -52,8 +54,10 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ctx(cfg: DictConfig, run_dir: Path) -> RunContext:
-    """A context with a config and a run folder, and no plugins, registry or tracker."""
-    return RunContext(cfg=cfg, run_dir=run_dir, plugins=None, registry=None, tracker=None)  # type: ignore[arg-type]
+    """A context with a config and a run folder, no active plugin (the default needs), and
+    no registry or tracker."""
+    plugins = PluginManager(installed={})
+    return RunContext(cfg=cfg, run_dir=run_dir, plugins=plugins, registry=None, tracker=None)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,46 +95,106 @@ def test_k2_in_the_loss_has_the_kl_gradient_and_k1_has_none() -> None:
     torch.testing.assert_close(k3, reverse_grad)
 
 
+def _check(cfg: DictConfig) -> None:
+    """The config checks the CLI runs before any model loads: ranges and settings, then what
+    the active algorithm declared it needs."""
+    check_config_ranges(cfg)
+    manager = PluginManager()
+    manager.activate([str(cfg.algorithm.name)])
+    check_algorithm_needs(cfg, manager.call("algorithm_needs", cfg=cfg))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
-            ["algorithm=ppo", "algorithm.kl_in_loss=true"],
-            r"^rl\.kl_estimator=k1 with algorithm\.kl_in_loss=true: .*zero expected gradient.*"
-            r"use rl\.kl_estimator=k2 .*or k3",
+            ["algorithm=ppo", "algorithm.kl_in_loss=true", "rl.kl_estimator=k1"],
+            r"^rl\.kl_estimator=k1 with algorithm=ppo, which keeps its KL in the loss .*"
+            r"zero expected gradient.*use rl\.kl_estimator=k2 .*or k3.*kl_in_loss=false",
         ),
         (
-            ["algorithm=grpo", "algorithm.kl_estimator=k1"],
-            r"^algorithm\.kl_estimator=k1 \(algorithm=grpo, .*zero expected gradient.*"
-            r"use algorithm\.kl_estimator=k2 .*or k3",
+            ["algorithm=grpo", "rl.kl_estimator=k1"],
+            r"^rl\.kl_estimator=k1 with algorithm=grpo, which keeps its KL in the loss .*"
+            r"zero expected gradient.*use rl\.kl_estimator=k2 .*or k3.*rl\.kl_coef=0",
         ),
     ],
 )
 def test_k1_in_the_loss_is_refused(compose: Any, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_config_ranges(compose(overrides))
+        _check(compose(overrides))
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         ["algorithm=ppo"],  # k1 in the reward: the right estimator there
+        ["algorithm=ppo", "rl.kl_estimator=k1"],
+        ["algorithm=ppo", "algorithm.kl_in_loss=true"],  # unset: k3 in the loss
         ["algorithm=ppo", "algorithm.kl_in_loss=true", "rl.kl_estimator=k2"],
         ["algorithm=ppo", "algorithm.kl_in_loss=true", "rl.kl_estimator=k3"],
         ["algorithm=grpo"],  # k3, the paper's
-        ["algorithm=grpo", "algorithm.kl_estimator=k1", "rl.kl_coef=0"],  # no KL term at all
+        ["algorithm=grpo", "rl.kl_estimator=k1", "rl.kl_coef=0"],  # no KL term at all
         ["algorithm=rloo"],
         ["algorithm=reinforce_pp"],
     ],
 )
 def test_kl_estimators_that_penalise_pass(compose: Any, overrides: list[str]) -> None:
-    check_config_ranges(compose(overrides))
+    _check(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "estimator"),
+    [
+        (["algorithm=ppo"], "k1"),
+        (["algorithm=ppo", "algorithm.kl_in_loss=true"], "k3"),
+        (["algorithm=grpo"], "k3"),
+        (["algorithm=rloo"], "k1"),
+        (["algorithm=grpo", "rl.kl_estimator=k2"], "k2"),
+    ],
+)
+def test_one_kl_estimator_resolved_from_where_the_kl_enters(
+    compose: Any, overrides: list[str], estimator: str
+) -> None:
+    cfg = compose(overrides)
+    manager = PluginManager()
+    manager.activate([str(cfg.algorithm.name)])
+    ctx = RunContext(cfg=cfg, run_dir=Path("."), plugins=manager, registry=None, tracker=None)  # type: ignore[arg-type]
+    assert ctx.kl_estimator == estimator
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["algorithm=grpo", "algorithm.policy_loss=nope"],
+            r"^algorithm\.policy_loss=nope: no policy_loss of that name is registered; "
+            r"registered: .*ppo_clip",
+        ),
+        (
+            ["algorithm=grpo", "algorithm.advantage_estimator=nope"],
+            r"^algorithm\.advantage_estimator=nope: .*registered: .*grpo.*rloo",
+        ),
+        (
+            ["algorithm=grpo", "algorithm.advantage_estimator=null"],
+            r"^algorithm=grpo sets no advantages: .*algorithm\.advantage_estimator is not set",
+        ),
+    ],
+)
+def test_unknown_or_missing_components_fail_before_any_model(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+
+    proc = run_cli(["stage=rl", *overrides, "model.path=/nonexistent", f"run_dir={tmp_path}"])
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("alignkit: error:")]
+    assert error and re.match(message, error[0].removeprefix("alignkit: error: ")), proc.stderr
 
 
 def test_a_plugin_that_puts_k1_in_its_loss_is_refused_too() -> None:
     """A plugin building its own loss spec (no config check sees it) cannot use k1 either."""
     from alignkit.errors import ConfigError
-    from alignkit.training import PolicyLossSpec
+    from alignkit.rl.update import PolicyLossSpec
 
     with pytest.raises(ConfigError, match="k1 KL estimator has zero expected gradient"):
         PolicyLossSpec(kl_coef=0.1, kl_estimator="k1")
@@ -312,21 +376,5 @@ def test_group_algorithms_refuse_one_sample_per_prompt(compose: Any, algorithm: 
     overrides = [f"algorithm={algorithm}", "rl.samples_per_prompt=1"]
     pattern = rf"^rl\.samples_per_prompt=1 with algorithm={algorithm}: .*samples_per_prompt >= 2"
     with pytest.raises(ConfigError, match=pattern):
-        check_config_ranges(compose(overrides))
-    check_config_ranges(compose([f"algorithm={algorithm}", "rl.samples_per_prompt=2"]))
-
-
-def test_grpo_advantage_refuses_groups_of_one(tmp_path: Path) -> None:
-    algo = OmegaConf.structured(grpo.GRPOConfig)
-    cfg = OmegaConf.create({"algorithm": algo, "rl": {"kl_coef": 0.0}})
-    ctx = _ctx(cfg, tmp_path)
-    batch = Rollout(
-        prompt_ids=torch.ones(2, 1, dtype=torch.long),
-        prompt_mask=torch.ones(2, 1, dtype=torch.long),
-        response_ids=torch.ones(2, 2, dtype=torch.long),
-        response_mask=torch.ones(2, 2),
-        group_ids=torch.arange(2),
-        rewards=torch.tensor([1.0, 0.0]),
-    )
-    with pytest.raises(ConfigError, match=r"algorithm=grpo needs rl\.samples_per_prompt >= 2"):
-        grpo.advantage(ctx, batch)
+        _check(compose(overrides))
+    _check(compose([f"algorithm={algorithm}", "rl.samples_per_prompt=2"]))

@@ -104,7 +104,7 @@ def test_correction_config() -> None:
 
 def test_policy_loss_weights_each_token_by_its_correction() -> None:
     from alignkit.batch import Rollout
-    from alignkit.training import Counts, PolicyLossSpec, policy_loss
+    from alignkit.rl.update import Counts, PolicyLossSpec, policy_loss
 
     mask = torch.ones(1, 2)
     batch = Rollout(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignkit.ops import (
+from alignkit.rl.ops import (
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,

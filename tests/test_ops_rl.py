@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignkit.errors import ConfigError
-from alignkit.kl_control import (
+from alignkit.rl.kl_control import (
     KL_STATE_KEY,
     AdaptiveKLController,
     FixedKLController,
@@ -17,7 +17,7 @@ from alignkit.kl_control import (
     kl_controller_from_state,
     save_kl_controller,
 )
-from alignkit.ops import (
+from alignkit.rl.ops import (
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,

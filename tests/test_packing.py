@@ -23,7 +23,7 @@ from alignkit.models import (
 )
 from alignkit.packing import pack_sequences
 from alignkit.reward_models import encode_parts, encode_texts
-from alignkit.training import group_sorted
+from alignkit.rl.update import group_sorted
 
 
 def test_pack_sequences_by_hand() -> None:

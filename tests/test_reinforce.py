@@ -53,10 +53,14 @@ def _batch() -> Rollout:
 
 def test_advantage_without_whitening_is_kl_shaped_score_minus_batch_mean(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path, kl_coef=0.5, whiten=False)
-    batch = reinforce.advantage(ctx, _batch())
+    batch = _batch()
+    # The rollout's per-token KL (k1 by default: the KL is in the reward).
+    assert ctx.kl_estimator == "k1"
+    batch.kl = (batch.logprobs - batch.ref_logprobs) * batch.response_mask
+    batch = reinforce.advantage(ctx, batch)
     # k1 KL per sequence: [0.5, -1.0, 0.5, 0.0]; scores r - 0.5*KL = [0.75, 0.5, 0.25, 0.5]
     # batch mean 0.5 -> advantages [0.25, 0.0, -0.25, 0.0] on every valid token.
-    assert torch.allclose(batch.extras["kl_seq"], torch.tensor([0.5, -1.0, 0.5, 0.0]))
+    assert torch.allclose(batch.kl.sum(1), torch.tensor([0.5, -1.0, 0.5, 0.0]))
     expected = torch.tensor([[0.25, 0.25, 0], [0.0, 0, 0], [-0.25, -0.25, 0], [0, 0, 0]])
     assert torch.allclose(batch.advantages, expected)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignkit.tracking import read_metrics, read_wandb_offline_run
+from alignkit.tracking import read_metrics
 from tests.conftest import run_cli
+from tests.wandb_offline import read_wandb_offline_run
 
 RL = ["stage=rl", "experiment=smoke", "algorithm=reinforce", "reward=[gold]"]
 

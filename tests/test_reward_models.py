@@ -38,7 +38,6 @@ from alignkit.reward_models import (
     load_scorer,
     member_folders,
     score_groups,
-    use_trained_reward_model,
 )
 from alignkit.stages.reward_model import (
     TrainSettings,
@@ -463,22 +462,6 @@ def test_ensemble_plugin_expands_member_folders(tiny_backbone: Path, tmp_path: P
     got = rm_ensemble.reward(ctx, _rollout(tok, prompts, responses))["rm_ensemble"]
     # members base and base + 1: mean base + 0.5, population std 0.5 -> base + 0.5 - 2 * 0.5
     assert got.tolist() == pytest.approx((base - 0.5).tolist(), abs=1e-5)
-
-
-def test_use_trained_reward_model_fills_unset_paths() -> None:
-    cfg = OmegaConf.create(
-        {
-            "reward": {
-                "gold": {"weight": 1.0},
-                "bradley_terry": {"weight": 1.0, "path": None},
-                "rm_ensemble": {"weight": 1.0, "paths": []},
-            }
-        }
-    )
-    filled = use_trained_reward_model(cfg, "/x/reward_model")
-    assert filled == ["reward.bradley_terry.path", "reward.rm_ensemble.paths"]
-    assert cfg.reward.bradley_terry.path == "/x/reward_model"
-    assert list(cfg.reward.rm_ensemble.paths) == ["/x/reward_model"]
 
 
 def test_length_sorted_chunks_score_like_one_batch(tiny_backbone: Path) -> None:

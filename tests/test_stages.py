@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.tracking import read_metrics, read_wandb_offline_run
+from alignkit.tracking import read_metrics
 from tests.conftest import SMOKE, cli_env, run_cli
+from tests.wandb_offline import read_wandb_offline_run
 
 
 def test_sft_beats_the_untrained_model_and_reloads(sft_run: Path) -> None:

@@ -83,7 +83,7 @@ def summaries_by_job(sweep: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def test_multirun_writes_one_grouped_wandb_run_per_job(rl_sweep: Path) -> None:
-    from alignkit.tracking import read_wandb_offline_run
+    from tests.wandb_offline import read_wandb_offline_run
 
     jobs = job_dirs(rl_sweep)
     assert len(jobs) == len(ALGORITHMS) * len(SEEDS)

@@ -3,8 +3,9 @@
 Weights and optimizer state stay fp32 (``model.dtype=float32``); forwards run under
 ``torch.autocast(dtype=bfloat16)``, which keeps matmuls in bf16 and reductions (softmax,
 log-softmax, norms) in fp32. The LM head is the exception: wherever logits become log-probs
-or sampling probabilities it runs in fp32 with autocast off (:func:`alignkit.ops.float32_linear`),
-so logits are not rounded to bf16. The sampling generator lives on the GPU.
+or sampling probabilities it runs in fp32 with autocast off
+(:func:`alignkit.rl.ops.float32_linear`), so logits are not rounded to bf16. The sampling
+generator lives on the GPU.
 ``backend.mixed_precision=fp32`` turns autocast off.
 """
 

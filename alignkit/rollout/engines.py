@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -16,6 +17,7 @@ __all__ = [
     "IS_WEIGHTS",
     "NativeEngine",
     "RolloutEngine",
+    "SamplingOptions",
     "rollout_engine",
 ]
 
@@ -27,6 +29,32 @@ IS_WEIGHTS = "rollout/is_weights"
 policy-gradient loss (:func:`alignkit.rollout.mismatch.correction_weights`)."""
 ENGINE_STATE_KEY = "rollout/engine"
 """``ctx.state`` key of the run's engine object (not checkpointed)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How one rollout call samples (``rl.*`` by default; ``RunContext.sample`` overrides)."""
+
+    temperature: float
+    """Divides the logits; the log-probs are taken at it."""
+    max_new_tokens: int
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    """Take the arg-max token (log-probs still at ``temperature``)."""
+
+    @classmethod
+    def from_config(
+        cls, rl: Any, *, greedy: bool = False, temperature: float | None = None
+    ) -> SamplingOptions:
+        """The ``rl`` node's settings, with the given overrides."""
+        return cls(
+            temperature=float(rl.temperature) if temperature is None else float(temperature),
+            max_new_tokens=int(rl.max_new_tokens),
+            top_k=int(rl.get("top_k", 0)),
+            top_p=float(rl.get("top_p", 1.0)),
+            greedy=greedy,
+        )
 
 
 class RolloutEngine(Protocol):
@@ -41,6 +69,7 @@ class RolloutEngine(Protocol):
         prompt_mask: Tensor,
         stop_ids: Sequence[int],
         rows: tuple[int, int],
+        options: SamplingOptions | None = None,
     ) -> GenerationOutput: ...
 
 
@@ -62,9 +91,10 @@ class NativeEngine:
         prompt_mask: Tensor,
         stop_ids: Sequence[int],
         rows: tuple[int, int],
+        options: SamplingOptions | None = None,
     ) -> GenerationOutput:
         assert ctx.policy is not None and ctx.tokenizer is not None
-        policy, rl = ctx.policy, self.cfg
+        policy, opts = ctx.policy, options or SamplingOptions.from_config(self.cfg)
         was_training = policy.training
         policy.eval()
         try:
@@ -72,12 +102,13 @@ class NativeEngine:
                 policy,
                 prompt_ids,
                 prompt_mask,
-                max_new_tokens=int(rl.max_new_tokens),
+                max_new_tokens=opts.max_new_tokens,
                 eos_token_id=list(stop_ids),
                 pad_token_id=ctx.tokenizer.pad_token_id,
-                temperature=float(rl.temperature),
-                top_k=int(rl.top_k),
-                top_p=float(rl.top_p),
+                temperature=opts.temperature,
+                top_k=opts.top_k,
+                top_p=opts.top_p,
+                greedy=opts.greedy,
                 generator=ctx.generator,
                 rows=rows,
             )

@@ -20,7 +20,7 @@ corrects it. Raw weights have unbounded variance, so the 2026 frameworks bound t
   ``[seq_low, seq_high]`` (a mismatch that builds up over a long response).
 
 They combine by product (``rollout.correction=tis+seq_mask``). The weights multiply each
-token's policy-gradient loss (:func:`alignkit.training.policy_loss`) and carry no gradient.
+token's policy-gradient loss (:func:`alignkit.rl.update.policy_loss`) and carry no gradient.
 
 Metrics (:func:`mismatch_metrics`), over the valid tokens of the batch:
 

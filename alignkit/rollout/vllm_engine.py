@@ -47,6 +47,7 @@ from torch import Tensor
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
 from alignkit.generation import GenerationOutput
+from alignkit.rollout.engines import SamplingOptions
 from alignkit.rollout.weights import policy_weights, weights_blob
 
 __all__ = [
@@ -99,14 +100,19 @@ def engine_kwargs(
     return kwargs
 
 
-def sampling_kwargs(rl: Any, stop_ids: Sequence[int]) -> dict[str, Any]:
-    """``vllm.SamplingParams`` arguments of every row (the seed is added per row)."""
+def sampling_kwargs(options: SamplingOptions, stop_ids: Sequence[int]) -> dict[str, Any]:
+    """``vllm.SamplingParams`` arguments of every row (the seed is added per row).
+
+    Greedy decoding is vLLM's temperature 0; its log-probs are then not at the run's
+    temperature, which the trainer's recomputed log-probs make up for (the engine does not
+    report the trainer's log-probs).
+    """
     return {
         "n": 1,
-        "temperature": float(rl.temperature),
-        "top_k": int(rl.top_k),
-        "top_p": float(rl.top_p),
-        "max_tokens": int(rl.max_new_tokens),
+        "temperature": 0.0 if options.greedy else options.temperature,
+        "top_k": options.top_k,
+        "top_p": options.top_p,
+        "max_tokens": options.max_new_tokens,
         "stop_token_ids": [int(t) for t in stop_ids],
         "logprobs": 0,  # the sampled token's own log-prob
         "detokenize": False,
@@ -421,6 +427,7 @@ class VLLMEngine:
         prompt_mask: Tensor,
         stop_ids: Sequence[int],
         rows: tuple[int, int],
+        options: SamplingOptions | None = None,
     ) -> GenerationOutput:
         if self.client is None:
             self._start(ctx)
@@ -429,7 +436,7 @@ class VLLMEngine:
         prompts = [ids[m != 0].tolist() for ids, m in zip(prompt_ids, prompt_mask, strict=True)]
         seed, step = int(ctx.cfg.seed), int(ctx.step)
         seeds = [row_seed(seed, step, rows[0] + i) for i in range(len(prompts))]
-        params = sampling_kwargs(ctx.cfg.rl, stop_ids)
+        params = sampling_kwargs(options or SamplingOptions.from_config(ctx.cfg.rl), stop_ids)
         outputs = self.client.generate(prompts, seeds, params)
         pad = int(ctx.tokenizer.pad_token_id) if ctx.tokenizer is not None else 0
         return to_generation_output(outputs, pad, prompt_ids.device)

@@ -112,7 +112,9 @@ def build_evaluators(ctx: RunContext) -> Evaluators:
 
 
 def _reward_scorer(ctx: RunContext) -> tuple[Scorer | None, str]:
-    """``eval.reward_model``, else the first active ``reward.<name>`` with a model folder."""
+    """``eval.reward_model``, else the first active ``reward.<name>`` with a model folder,
+    else the first learned reward, scored by the reward model this pipeline trained
+    (``ctx.artifacts.reward_model``)."""
     ecfg = ctx.cfg.eval
     if ecfg.reward_model:
         members = [
@@ -128,9 +130,14 @@ def _reward_scorer(ctx: RunContext) -> tuple[Scorer | None, str]:
         # A folder of member_<i> folders is an ensemble: its members' mean scores the pairs.
         scorer: Scorer = members[0] if len(members) == 1 else EnsembleScorer(members)
         return scorer, f"eval.reward_model={ecfg.reward_model}"
-    for name, node in (ctx.cfg.get("reward") or {}).items():
+    rewards = ctx.cfg.get("reward") or {}
+    for name, node in rewards.items():
         if node is not None and (node.get("path") or node.get("paths")):
             return scorer_for(ctx, str(name)), f"reward.{name}"
+    trained = ctx.artifacts.reward_model
+    learned = [str(n) for n in rewards if str(n) in ctx.registry.names("learned_reward")]
+    if trained is not None and learned:
+        return scorer_for(ctx, learned[0]), f"reward.{learned[0]} (trained: {trained})"
     return None, ""
 
 

@@ -3,7 +3,8 @@
 1. SFT on demonstrations -> ``<run_dir>/sft``;
 2. when a learned reward is configured (a ``reward=`` plugin that trains a reward model):
    feedback from the annotator on the SFT policy's samples -> ``<run_dir>/feedback``, then a
-   reward model trained on it -> ``<run_dir>/reward_model``, which scores the RL rollouts
+   reward model trained on it -> ``<run_dir>/reward_model``, handed to the RL run as its
+   :class:`~alignkit.needs.Artifacts` (never written into the config), which scores the RL rollouts
    (with ``task=data`` and ``task.preference_data`` the reward model trains on that data
    directly, with no feedback stage);
 3. online RL from the SFT policy -> ``<run_dir>/rl/policy``;
@@ -15,13 +16,13 @@ The whole pipeline holds the run directory's lock (``alignkit.run_lock``).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from omegaconf import open_dict
-
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
+from alignkit.needs import Artifacts
 from alignkit.run_lock import run_guard
 from alignkit.stages.common import load_model
 from alignkit.stages.evaluate import compare_policies
@@ -30,8 +31,9 @@ from alignkit.stages.sft import run_sft
 
 
 def learned_rewards(ctx: RunContext) -> list[str]:
-    """Active reward plugins scored by a reward model that this run has to train."""
-    trainable = set(ctx.registry.names("rm_loss")) | {"rm_ensemble"}
+    """Active reward plugins scored by a reward model that this run has to train: those
+    registered as ``learned_reward`` components with no model path configured."""
+    trainable = set(ctx.registry.names("learned_reward"))
     return [
         str(name)
         for name, node in (ctx.cfg.get("reward") or {}).items()
@@ -43,28 +45,22 @@ def _has_model(node: object) -> bool:
     return bool(getattr(node, "path", None) or getattr(node, "paths", None))
 
 
-def train_reward_model(ctx: RunContext, policy: Path, names: list[str]) -> dict[str, float]:
-    """Feedback on ``policy``'s samples, a reward model on it, wired into ``reward.<name>``."""
+def train_reward_model(ctx: RunContext, policy: Path) -> tuple[dict[str, float], Artifacts]:
+    """Feedback on ``policy``'s samples and a reward model trained on it; the summary and the
+    artifacts the RL run receives (the learned rewards score with this reward model, and a
+    critic may start from it)."""
     from alignkit.stages.feedback import run_feedback
     from alignkit.stages.reward_model import run_reward_model, task_preferences
 
+    feedback = None
     if task_preferences(ctx):  # the task's own preference data: no feedback stage
         summary = dict(run_reward_model(ctx, backbone=policy))
     else:
         summary = dict(run_feedback(ctx, policy_path=policy))
-        summary.update(run_reward_model(ctx, data=[ctx.run_dir / "feedback"], backbone=policy))
-    rm_dir = str(ctx.run_dir / "reward_model")
-    with open_dict(ctx.cfg):
-        for name in names:
-            node = ctx.cfg.reward[name]
-            if "paths" in node:
-                node.paths = [rm_dir]
-            else:
-                node.path = rm_dir
-        # A separate critic starts from the reward model (InstructGPT), unless one is given.
-        if "value_model_path" in ctx.cfg.algorithm and not ctx.cfg.algorithm.value_model_path:
-            ctx.cfg.algorithm.value_model_path = rm_dir
-    return summary
+        feedback = ctx.run_dir / "feedback"
+        summary.update(run_reward_model(ctx, data=[feedback], backbone=policy))
+    artifacts = Artifacts(policy, feedback, ctx.run_dir / "reward_model")
+    return summary, artifacts
 
 
 def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
@@ -95,12 +91,15 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     check_evaluable(ctx, learned_rewards(ctx))
     summary.update(run_sft(ctx))
     sft_dir = ctx.run_dir / "sft"
-    names = learned_rewards(ctx)
-    if names:
-        summary.update(train_reward_model(ctx, sft_dir, names))
-    rl_summary, rl_ctx = run_rl(ctx, sft_dir)
+    artifacts = Artifacts(sft_policy=sft_dir)
+    if learned_rewards(ctx):
+        rm_summary, artifacts = train_reward_model(ctx, sft_dir)
+        summary.update(rm_summary)
+    rl_summary, rl_ctx = run_rl(ctx, sft_dir, artifacts=artifacts)
     summary.update(rl_summary)
     sft_policy, _ = load_model(ctx, sft_dir)
     rl_ctx.policy.eval()
-    summary.update(compare_policies(ctx, rl_ctx.policy, sft_policy, rl_ctx.tokenizer))
+    # The evaluation scores with the reward model this pipeline trained, like the RL run.
+    eval_ctx = dataclasses.replace(ctx, artifacts=artifacts)
+    summary.update(compare_policies(eval_ctx, rl_ctx.policy, sft_policy, rl_ctx.tokenizer))
     return summary

@@ -51,6 +51,7 @@ from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
 from alignkit.models import ScalarHeadModel
 from alignkit.optim import adamw
+from alignkit.preference_config import RewardModelConfig
 from alignkit.progress import print_report, progress_bar, sample_with_progress, tracked
 from alignkit.prompts import conversation, prompt_format, template_mode
 from alignkit.reward_models import (
@@ -70,7 +71,6 @@ from alignkit.reward_models import (
 from alignkit.stages.common import linear_warmup_decay, load_model
 from alignkit.tracking import console
 
-DEFAULT_LOSS = "bradley_terry"
 STAGE = "reward_model"
 
 # --------------------------------------------------------------------------------------------
@@ -114,18 +114,23 @@ def select_loss(ctx: RunContext) -> tuple[str, RewardLoss]:
     reward = ctx.cfg.get("reward") or {}
     known = set(ctx.registry.names("rm_loss"))
     names = [str(n) for n in reward if str(n) in known]
-    if "rm_ensemble" in reward and int(ctx.cfg.reward_model.ensemble_size) < 2:
-        raise ConfigError(
-            "reward=rm_ensemble trains an ensemble: set reward_model.ensemble_size to 2 or more"
-        )
+    size = int(ctx.cfg.reward_model.ensemble_size)
+    for name in (str(n) for n in reward if str(n) in ctx.registry.names("learned_reward")):
+        need = int(getattr(ctx.registry.get("learned_reward", name), "min_members", 1))
+        if size < need:
+            raise ConfigError(
+                f"reward={name} scores with an ensemble of {need} or more members: set "
+                f"reward_model.ensemble_size to {need} or more"
+            )
     if len(names) > 1:
         raise ConfigError(
             f"stage=reward_model trains one preference model, but reward= names several "
             f"losses: {', '.join(names)}"
         )
     if not names:
-        console.print(f"reward_model: no active reward plugin defines a loss; using {DEFAULT_LOSS}")
-        return DEFAULT_LOSS, ctx.registry.build("rm_loss", DEFAULT_LOSS, cfg=None)
+        default = str(ctx.cfg.reward_model.get("default_loss") or RewardModelConfig.default_loss)
+        console.print(f"reward_model: no active reward plugin defines a loss; using {default}")
+        return default, ctx.registry.build("rm_loss", default, cfg=None)
     name = names[0]
     return name, ctx.registry.build("rm_loss", name, cfg=reward[name])
 

@@ -24,6 +24,7 @@ from alignkit.guards import check_finite_parameters
 from alignkit.io import WriteError, write_error
 from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
 from alignkit.models import disable_dropout
+from alignkit.needs import Artifacts
 from alignkit.optim import adamw
 from alignkit.run_lock import run_guard
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
@@ -73,8 +74,14 @@ def switch_off_dropout(policy: torch.nn.Module, lora_dropout: float = 0.0) -> No
         )
 
 
-def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
-    """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler."""
+def setup_rl(
+    ctx: RunContext, policy_path: str | Path, artifacts: Artifacts | None = None
+) -> RunContext:
+    """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler, and the
+    ``artifacts`` of the pipeline's earlier stages.
+
+    A reference policy exists when ``rl.kl_coef > 0`` or the algorithm declares it needs one.
+    """
     rl, backend = ctx.cfg.rl, ctx.backend
     lora = ctx.cfg.model.lora
     if int(lora.r) > 0 and backend.sharded:
@@ -94,7 +101,8 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
         )
     # Before the reference is copied from it, and whatever the algorithm.
     switch_off_dropout(policy, float(lora.dropout) if int(lora.r) > 0 else 0.0)
-    use_ref = float(rl.kl_coef) > 0
+    needs = ctx.needs
+    use_ref = (float(rl.kl_coef) > 0 and needs.kl_in != "none") or needs.reference
     if backend.sharded:
         # Shard the policy first, then load the reference afresh and shard it: at most one
         # full unsharded copy exists at a time (a deep copy would need two).
@@ -125,6 +133,7 @@ def setup_rl(ctx: RunContext, policy_path: str | Path) -> RunContext:
         ref_policy=ref,
         optimizer=optimizer,
         scheduler=scheduler,
+        artifacts=artifacts or ctx.artifacts,
     )
 
 
@@ -174,7 +183,7 @@ def close_rollout_engine(ctx: RunContext) -> None:
 
 
 def run_rl(
-    ctx: RunContext, policy_path: str | Path | None = None
+    ctx: RunContext, policy_path: str | Path | None = None, artifacts: Artifacts | None = None
 ) -> tuple[dict[str, Any], RunContext]:
     """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context.
 
@@ -186,7 +195,7 @@ def run_rl(
             "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
         )
     with run_guard(ctx):
-        rl_ctx = setup_rl(ctx, path)
+        rl_ctx = setup_rl(ctx, path, artifacts)
         fingerprint = run_fingerprint(ctx.cfg, path, ctx.run_dir)
         engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint)
         try:
