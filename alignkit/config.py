@@ -24,7 +24,7 @@ class TinyModelConfig:
     """The tiny model built from scratch when ``model.path`` is null.
 
     ``arch`` picks the architecture (``gpt2``, the default, or any of
-    :data:`alignkit.tiny_models.ARCHITECTURES`: ``llama``, ``qwen2``, ``mistral``, ``gemma``,
+    :data:`alignkit.models.tiny.ARCHITECTURES`: ``llama``, ``qwen2``, ``mistral``, ``gemma``,
     ``gpt_neox``); the other fields give its shape in any architecture.
     """
 

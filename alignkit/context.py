@@ -77,7 +77,8 @@ class RunContext:
     generator: torch.Generator | None = None
     """Seeded generator for sampling, so runs are reproducible and resumable. It lives on
     :attr:`device` (draw with ``device=ctx.device``) and has the same state on every rank:
-    :func:`alignkit.generation.generate` takes each rank's rows of the global batch's draws."""
+    :func:`alignkit.models.generation.generate` takes each rank's rows of the global batch's
+    draws."""
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     rank: int = 0

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from alignkit.data.chat import PromptFormat
-from alignkit.generation import decode_responses, generate
+from alignkit.data.prompts import encode_prompts
 from alignkit.models import response_logprobs
-from alignkit.prompts import encode_prompts
+from alignkit.models.generation import decode_responses, generate
 
 
 @dataclass
@@ -54,7 +54,7 @@ def sample_policy(
 
     Prompts are rendered by ``fmt`` (default: the tokenizer's chat template if it has one,
     else the plain format; stages pass the run's ``task.template`` through
-    :func:`alignkit.prompts.prompt_format`).
+    :func:`alignkit.data.prompts.prompt_format`).
     """
     model.eval()
     fmt = fmt if fmt is not None else PromptFormat(tokenizer, model=model)

@@ -11,9 +11,9 @@ fused_gelu
     ``gelu_pytorch_tanh`` is the same formula as one fused kernel. Measured: a forward and
     backward of one training micro-batch (16 rows x 52 tokens), and the max logit difference.
 lean_decode
-    The sampling loop (:func:`alignkit.generation.generate`) through the model's own forward
+    The sampling loop (:func:`alignkit.models.generation.generate`) through the model's own forward
     (``transformers``' GPT-2, a ``DynamicCache`` grown by concatenation every token and a
-    mask rebuilt every call) against :mod:`alignkit.lean`'s lean GPT-2 path (adopted:
+    mask rebuilt every call) against :mod:`alignkit.models.lean`'s lean GPT-2 path (adopted:
     it is the default for plain GPT-2 models). Measured: sampling 64 rows x 32 tokens; the
     samples must be identical (same seed) and the log-probs equal to rounding.
 """
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.generation import generate, tokenize_prompts
 from alignkit.models import load_causal_lm
+from alignkit.models.generation import generate, tokenize_prompts
 from alignkit.tasks import AssistTask
 from benchmarks.common import add_common_args
 

@@ -4,7 +4,7 @@ Forward hooks on each decoder trunk (the base model of any architecture: ``GPT2M
 ``LlamaModel``, ...) and LM head read the real shapes of every call: rows, new tokens, keys
 attended over (the attention mask's length, which includes a KV cache) and the positions that
 reach the LM head. A forward run with gradients enabled is counted as a training pass
-(forward plus a backward of twice its cost, :func:`alignkit.flops.train_flops`), since every
+(forward plus a backward of twice its cost, :func:`alignkit.models.flops.train_flops`), since every
 such forward in these workloads is back-propagated. The same hooks work on alignkit's and
 TRL's models, so both sides' FLOP rates come from one definition.
 """
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from alignkit import lean
-from alignkit.flops import DecoderShape, forward_flops
+from alignkit.models import lean
+from alignkit.models.flops import DecoderShape, forward_flops
 
 
 def is_trunk(module: nn.Module) -> bool:

@@ -7,7 +7,7 @@ Scores held-out (prompt, response) pairs of the built-in task with the critique 
 
 * ``local``: the judge in-process (batched greedy critique, teacher-forced verdict), per
   batch size;
-* ``http``: the same judge served by ``python -m alignkit.judges.server`` in a separate
+* ``http``: the same judge served by ``python -m alignkit.tools.judge_server`` in a separate
   process (its own thread budget), scored through ``/v1/completions`` with log-probs, per
   client concurrency (the server gathers concurrent requests into batches).
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "alignkit.judges.server", "--model", args.judge]
+    cmd = [sys.executable, "-m", "alignkit.tools.judge_server", "--model", args.judge]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:

@@ -16,22 +16,22 @@ fused_gelu
 hf_decode
     Decodes through the model's own forward (``transformers``' GPT-2 with its
     ``DynamicCache``, grown by concatenation every token, and a mask rebuilt every call)
-    instead of :mod:`alignkit.lean`'s lean GPT-2 path: how alignkit sampled before
+    instead of :mod:`alignkit.models.lean`'s lean GPT-2 path: how alignkit sampled before
     the lean path was adopted, so the row shows what it buys. Same tokens from the same
     generator.
 padded
     Runs the update, reference, critic and reward-model forwards padded (each row's prompt
     and response padded to the micro-batch's longest, rows sorted by length, all-padding
-    columns trimmed) instead of packed (:mod:`alignkit.packing`: each distinct token once,
+    columns trimmed) instead of packed (:mod:`alignkit.models.packing`: each distinct token once,
     a prompt shared by its samples): how alignkit ran them before packing was adopted, so
     the row shows what packing buys. Same values to float rounding.
 index_gather
     Gathers the packed layout with advanced indexing (``x[index]``) instead of
-    ``index_select`` (``alignkit.lean._take``): how the packed forwards gathered before.
+    ``index_select`` (``alignkit.models.lean._take``): how the packed forwards gathered before.
     Same values; the backward accumulates with ``index_put_``, which the CPU runs serially.
 prefill_rows
-    Prefills every sampling row (:meth:`alignkit.lean.LeanDecoder.forward`) instead of each
-    distinct prompt once (:meth:`~alignkit.lean.LeanDecoder.prefill`): the group's 4 copies
+    Prefills every sampling row (:meth:`alignkit.models.lean.LeanDecoder.forward`) instead of each
+    distinct prompt once (:meth:`~alignkit.models.lean.LeanDecoder.prefill`): the group's 4 copies
     of a prompt computed 4 times, as before. Same tokens from the same generator.
 critic_forwards
     PPO's critic takes its no-grad rollout forward and a second forward in the update, as
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.activations import NewGELUActivation
 
-from alignkit import generation, lean
+from alignkit.models import generation, lean
 
 PATCHES = ("fused_gelu", "hf_decode", "padded", "index_gather", "prefill_rows", "critic_forwards")
 _GENERATE = generation.generate
@@ -72,7 +72,7 @@ def _prefill_rows(self: lean.LeanDecoder, ids: Tensor, positions: Tensor) -> Ten
 
 
 def generate_hf(*args: Any, **kwargs: Any) -> Any:
-    """:func:`alignkit.generation.generate` through the model's own forward."""
+    """:func:`alignkit.models.generation.generate` through the model's own forward."""
     return _GENERATE(*args, **{**kwargs, "lean": False})
 
 
@@ -84,7 +84,7 @@ def apply_patches(names: Sequence[str]) -> Iterator[None]:
         raise SystemExit(f"--patch: unknown {unknown}; choose from {list(PATCHES)}")
     import alignkit_plugins.ppo as ppo
 
-    from alignkit import models
+    from alignkit.models import hf as models
     from alignkit.rl import critic
     from alignkit.rl import update as training
     from alignkit.rollout import engines

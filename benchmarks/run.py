@@ -6,7 +6,7 @@ each run in a fresh process so peak memory is the workload's own::
     seconds per step by phase   generation, reward, ref / old / value forwards, update
     throughput                  samples/s (completions or preference pairs), tokens/s
     peak RSS                    resident memory of the process, MiB
-    GFLOP/s                     analytic FLOPs (alignkit.flops) over measured seconds, for
+    GFLOP/s                     analytic FLOPs (alignkit.models.flops) over measured seconds, for
                                 the update phase and the whole step
     utilisation                 GFLOP/s over this machine's fp32 matmul rate at the model's
                                 own shapes, measured in the same run
@@ -19,7 +19,7 @@ installs it; benchmarks/trl_ppo.py). ``--scaling`` (on by default) adds GRPO
 step time against batch size, response length and model size, plotted to ``scaling.png``.
 
 The model is the task's tiny GPT-2 (``--arch gpt2``). ``--arch llama`` (or any architecture
-of ``alignkit.tiny_models``) builds that architecture at the same depth, width and heads
+of ``alignkit.models.tiny``) builds that architecture at the same depth, width and heads
 (``head_dim = width / heads``, half as many key/value heads) on the same tokenizer, with the
 MLP width that matches the GPT-2 model's parameter count. Several, ``--arch gpt2,llama``, run
 every workload on each model (alternating) and add the cost per generated (reward model:
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.flops import DecoderShape
+from alignkit.models.flops import DecoderShape
 from benchmarks.common import (
     WORKLOADS,
     MatmulShape,
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--arch",
         default="gpt2",
-        help="model architecture, one of alignkit.tiny_models.ARCHITECTURES (llama, qwen2, "
+        help="model architecture, one of alignkit.models.tiny.ARCHITECTURES (llama, qwen2, "
         "mistral, gemma, gpt_neox, gpt2); several, comma-separated (gpt2,llama), run every "
         "workload on each and compare their cost per token against the first",
     )
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
     args.arch_list = [a.strip() for a in args.arch.split(",") if a.strip()]
     if args.worker is None:  # workers get a built model; they skip importing the list
-        from alignkit.tiny_models import ARCHITECTURES
+        from alignkit.models.tiny import ARCHITECTURES
 
         unknown = [a for a in args.arch_list if a not in ARCHITECTURES]
         if unknown or not args.arch_list or len(set(args.arch_list)) < len(args.arch_list):
@@ -218,7 +218,7 @@ def build_model(args: argparse.Namespace, folder: Path, arch: str = "gpt2", **ch
     """The task's tiny ``arch`` model and tokenizer, saved once and shared by both sides.
 
     GPT-2 is alignkit's ``build_tiny_model`` at ``--layers/--heads/--width``. Another
-    architecture is ``alignkit.tiny_models.build_tiny_causal_lm`` (:func:`arch_spec`) on the
+    architecture is ``alignkit.models.tiny.build_tiny_causal_lm`` (:func:`arch_spec`) on the
     same corpus and vocabulary bound, so both models have the same tokenizer.
     """
     from alignkit.models import TinyModelSpec, build_tiny_model
@@ -226,7 +226,7 @@ def build_model(args: argparse.Namespace, folder: Path, arch: str = "gpt2", **ch
 
     values = {**vars(args), **changes}
     if arch != "gpt2":
-        from alignkit.tiny_models import build_tiny_causal_lm
+        from alignkit.models.tiny import build_tiny_causal_lm
 
         return build_tiny_causal_lm(folder, AssistTask().corpus(), arch_spec(values, arch))
     spec = TinyModelSpec(
@@ -298,7 +298,7 @@ def arch_spec(values: dict[str, Any], arch: str) -> Any:
     relative difference of the two is smallest. (GPT-2 also learns a position table; the
     RoPE models have none, so the two counts cannot both match exactly.)
     """
-    from alignkit.tiny_models import TinyArchSpec, tiny_config
+    from alignkit.models.tiny import TinyArchSpec, tiny_config
 
     spec = TinyArchSpec(
         arch=arch,

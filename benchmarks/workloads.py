@@ -47,8 +47,8 @@ def task_prompts(task: AssistTask, count: int) -> list[Any]:
 
 def run_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """Sampling alone: the rollout's KV-cache loop over prompts x samples rows."""
-    from alignkit.generation import generate, tokenize_prompts
     from alignkit.models import load_causal_lm
+    from alignkit.models.generation import generate, tokenize_prompts
 
     task = AssistTask()
     model, tok = load_causal_lm(str(model_dir))

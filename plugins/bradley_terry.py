@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.reward_models import LearnedRewardConfig, LearnedRewardPlugin, RewardBatch
+from alignkit.rewards.learned import LearnedRewardConfig, LearnedRewardPlugin, RewardBatch
 
 NAME = "bradley_terry"
 
@@ -86,6 +86,6 @@ def make_loss(cfg: Any = None) -> BradleyTerryLoss:
 
 
 _plugin = LearnedRewardPlugin(NAME, BradleyTerryConfig, loss=make_loss)
-# The hooks every learned reward shares (alignkit.reward_models.LearnedRewardPlugin).
+# The hooks every learned reward shares (alignkit.rewards.learned.LearnedRewardPlugin).
 register_configs, register_components = _plugin.register_configs, _plugin.register_components
 run_start, reward = _plugin.run_start, _plugin.reward

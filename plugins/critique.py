@@ -38,7 +38,7 @@ from alignkit.judges.base import Judgement
 from alignkit.judges.config import CritiqueRewardConfig, build_critique_judge, critique_config
 from alignkit.judges.critic import CritiqueJudge
 from alignkit.registry import ComponentRegistry
-from alignkit.reward_models import rollout_texts
+from alignkit.rewards.learned import rollout_texts
 
 NAME = "critique"
 _JUDGE = f"{NAME}/judge"

@@ -6,7 +6,7 @@ N implementation details of RLHF with PPO", detail 23). The component is 1 for a
 response and 0 otherwise (``Rollout.finished``, set by the rollout); its weight is the
 (negative) penalty, e.g. ``reward.eos_penalty.weight=-1``. Learned reward models see the
 truncation too: they score a cut response without EOS
-(:func:`alignkit.reward_models.encode_parts`).
+(:func:`alignkit.rewards.learned.encode_parts`).
 """
 
 from __future__ import annotations

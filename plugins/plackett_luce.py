@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.reward_models import LearnedRewardConfig, LearnedRewardPlugin, RewardBatch
+from alignkit.rewards.learned import LearnedRewardConfig, LearnedRewardPlugin, RewardBatch
 
 NAME = "plackett_luce"
 
@@ -106,6 +106,6 @@ def make_loss(cfg: Any = None) -> PlackettLuceLoss:
 
 
 _plugin = LearnedRewardPlugin(NAME, PlackettLuceConfig, loss=make_loss)
-# The hooks every learned reward shares (alignkit.reward_models.LearnedRewardPlugin).
+# The hooks every learned reward shares (alignkit.rewards.learned.LearnedRewardPlugin).
 register_configs, register_components = _plugin.register_configs, _plugin.register_components
 run_start, reward = _plugin.run_start, _plugin.reward

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkit.config import RewardConfig
-from alignkit.reward_models import LearnedRewardPlugin
+from alignkit.rewards.learned import LearnedRewardPlugin
 
 NAME = "rm_ensemble"
 
@@ -41,6 +41,6 @@ class RMEnsembleConfig(RewardConfig):
 
 
 _plugin = LearnedRewardPlugin(NAME, RMEnsembleConfig, min_members=2)
-# The hooks every learned reward shares (alignkit.reward_models.LearnedRewardPlugin).
+# The hooks every learned reward shares (alignkit.rewards.learned.LearnedRewardPlugin).
 register_configs, register_components = _plugin.register_configs, _plugin.register_components
 run_start, reward = _plugin.run_start, _plugin.reward

@@ -60,9 +60,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from alignkit.generation import generate
+from alignkit.models.generation import generate
 from alignkit.models import sequence_logprobs
-from alignkit.tiny_models import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
+from alignkit.models.tiny import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
 
 corpus = ["the quick brown fox jumps over the lazy dog"] * 50
 modes = (

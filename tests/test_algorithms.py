@@ -19,9 +19,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.batch import Rollout
-from alignkit.checkpoint import load_checkpoint, save_checkpoint
 from alignkit.context import RunContext
 from alignkit.engine import batch_metrics
+from alignkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from alignkit.errors import ConfigError
 from alignkit.models import ScalarHeadModel, sequence_logprobs
 from alignkit.rl import critic as critic_module
@@ -474,6 +474,23 @@ def test_ppo_checkpoint_restores_critic_and_kl_controller(tmp_path: Path, value_
         assert torch.equal(a, b)
 
 
+def test_a_critic_checkpointed_by_an_earlier_version_is_restored(tmp_path: Path) -> None:
+    """Checkpoints of earlier versions hold PPO's critic in ``ppo_value/``."""
+    cfg = _cfg("ppo", {"value_model": "separate"})
+    policy = _policy()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    ctx = _ctx(tmp_path / "a", cfg, policy=policy, optimizer=optimizer)
+    _run_step(ctx, "ppo", _on_policy_batch(policy))
+    path = save_checkpoint(ctx, 1, {"sampler": {}})
+    (path / CRITIC_DIR).rename(path / "ppo_value")
+    fresh = _policy(seed=1)
+    ctx2 = _ctx(tmp_path / "b", cfg, policy=fresh, optimizer=torch.optim.AdamW(fresh.parameters()))
+    load_checkpoint(ctx2, path)
+    saved, loaded = ctx.state[CRITIC_KEY].module, ctx2.state[CRITIC_KEY].module
+    for a, b in zip(saved.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_ppo_separate_critic_starts_from_a_reward_model_folder(tmp_path: Path) -> None:
     reward_model = ScalarHeadModel(_policy(seed=3))
     with torch.no_grad():
@@ -513,7 +530,7 @@ def test_lora_reference_is_the_base_model_and_training_touches_only_adapters(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("peft")
-    from alignkit.lora import AdapterDisabledReference, apply_lora, lora_parameters
+    from alignkit.models.lora import AdapterDisabledReference, apply_lora, lora_parameters
 
     base = _policy()
     base_copy = copy.deepcopy(base)
@@ -543,7 +560,7 @@ def test_lora_reference_is_the_base_model_and_training_touches_only_adapters(
 
 
 def test_lora_without_peft_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from alignkit.lora import apply_lora
+    from alignkit.models.lora import apply_lora
 
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` fail
     with pytest.raises(ConfigError, match=r"alignkit\[lora\]"):

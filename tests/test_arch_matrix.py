@@ -1,4 +1,4 @@
-"""The architecture matrix: every tiny architecture of :mod:`alignkit.tiny_models` (Llama,
+"""The architecture matrix: every tiny architecture of :mod:`alignkit.models.tiny` (Llama,
 Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2; a new entry of ``ARCHITECTURES`` joins by itself)
 through the whole of alignkit on the built-in task (``task=assist``, whose gold oracle lets
 the simulated human label feedback), with ``model=hf model.path=<the tiny model folder>``:
@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import torch
 
-from alignkit.tiny_models import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
+from alignkit.models.tiny import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
 from alignkit.tracking import read_metrics
 
 from .conftest import REPO, cli_env
@@ -256,7 +256,7 @@ def check_reward_model(folder: Path, arch: str) -> None:
     """A sequence classifier of ``arch`` whose ``logits + reward_offset`` is alignkit's score."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignkit.reward_models import encode_parts, load_scorer
+    from alignkit.rewards.learned import encode_parts, load_scorer
 
     rm, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
     assert rm.config.model_type == arch and rm.config.num_labels == 1
@@ -316,7 +316,7 @@ def test_rl_algorithm(
 ) -> None:
     """Each algorithm a few steps from the architecture's SFT policy, rewarded by its reward
     model, then evaluated against the SFT policy."""
-    from alignkit.export import main as export
+    from alignkit.cli.export import main as export
 
     source, _ = pipeline(arch)
     sft, rm = source / "sft", source / "reward_model"
@@ -382,7 +382,7 @@ def test_lora_default_targets(arch: str, pipeline: Once, runner: Runner, tmp_pat
     from safetensors.torch import load_file
     from transformers.pytorch_utils import Conv1D
 
-    from alignkit.export import main as export
+    from alignkit.cli.export import main as export
 
     source, _ = pipeline(arch)
     sft_dir, rm = source / "sft", source / "reward_model"
@@ -501,7 +501,7 @@ def test_fsdp_two_ranks_match_one_process(
     every step, the same final weights, and a sharded checkpoint that exports to them."""
     from safetensors.torch import load_file
 
-    from alignkit.export import main as export
+    from alignkit.cli.export import main as export
 
     source, _ = pipeline(arch)
     run_dir = fsdp_runs.get(f"{arch}-{case}")
@@ -575,7 +575,7 @@ def peaked_model(tiny_model: Once) -> Once:
 
 
 def _sample(model: Any, tok: Any, ids: Any, mask: Any, stops: list[int], lean: bool) -> Any:
-    from alignkit.generation import generate
+    from alignkit.models.generation import generate
 
     return generate(
         model,
@@ -599,8 +599,8 @@ def test_sampling_logprobs_equal_a_forward(arch: str, lean: bool, peaked_model: 
     each row alone and unpadded (a plain ``model(input_ids, attention_mask)`` call: without
     padding, the default positions are the right ones for absolute embeddings too)."""
     from alignkit.data.chat import PromptFormat
-    from alignkit.generation import pad_prompts
     from alignkit.models import response_logprobs, sequence_logprobs
+    from alignkit.models.generation import pad_prompts
 
     model, tok = peaked_model(arch)
     fmt = PromptFormat(tok, "auto", model=model)

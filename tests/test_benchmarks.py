@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from alignkit.batch import Rollout
-from alignkit.flops import (
+from alignkit.models.flops import (
     DecoderShape,
     decode_flops,
     forward_flops,
@@ -22,7 +22,7 @@ from alignkit.flops import (
     packed_last_token_flops,
     train_flops,
 )
-from alignkit.generation import GenerationOutput, generate
+from alignkit.models.generation import GenerationOutput, generate
 from alignkit.rl.update import (
     Counts,
     OptimTarget,
@@ -258,7 +258,7 @@ def test_trl_side_runs_at_a_tiny_size(tmp_path: Path, arch: str) -> None:
 def test_reference_llama_matches_the_gpt2_model() -> None:
     """The default ``--arch llama``: GPT-2's depth, width and heads (head_dim 64), half the
     key/value heads, and the MLP width whose parameter counts are nearest GPT-2's."""
-    from alignkit.tiny_models import tiny_config
+    from alignkit.models.tiny import tiny_config
 
     values = vars(parse_args([]))
     spec = arch_spec(values, "llama")
@@ -509,8 +509,8 @@ def test_fused_gelu_patch_matches_and_is_undone() -> None:
 
 
 def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens() -> None:
-    from alignkit import generation
-    from alignkit.lean import observe_only
+    from alignkit.models import generation
+    from alignkit.models.lean import observe_only
 
     model = tiny_gpt2()
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
@@ -542,8 +542,9 @@ def test_hf_decode_patch_decodes_through_the_model_forward_with_the_same_tokens(
 
 
 def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
-    from alignkit import models, training
-    from alignkit.lean import observe_only
+    from alignkit.models import hf as models
+    from alignkit.models.lean import observe_only
+    from alignkit.rl import update as training
 
     model = tiny_gpt2()
     calls: list[int] = []
@@ -563,7 +564,8 @@ def test_padded_patch_runs_the_padded_forwards_with_the_same_values() -> None:
 
 
 def test_index_gather_patch_gathers_by_advanced_indexing_with_the_same_values_and_grads() -> None:
-    from alignkit import lean, models
+    from alignkit.models import hf as models
+    from alignkit.models import lean
 
     model = tiny_gpt2()
     prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6]])
@@ -595,8 +597,8 @@ def test_prefill_rows_and_critic_forwards_patches_swap_and_restore() -> None:
     turns the PPO critic's single forward off. Both are undone after the block."""
     import alignkit_plugins.ppo as ppo
 
-    from alignkit import lean
-    from alignkit.generation import generate
+    from alignkit.models import lean
+    from alignkit.models.generation import generate
 
     model = tiny_gpt2()
     prompts = torch.tensor([[0, 1, 2], [0, 1, 2], [4, 5, 6], [0, 1, 2]])

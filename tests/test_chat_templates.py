@@ -12,11 +12,11 @@ from tokenizers.processors import TemplateProcessing
 
 from alignkit.data.chat import PromptFormat, plain_prompt, stop_token_ids
 from alignkit.errors import ConfigError
-from alignkit.generation import decode_responses, generate, pad_prompts
 from alignkit.models import load_causal_lm
-from alignkit.reward_models import encode_parts
+from alignkit.models.generation import decode_responses, generate, pad_prompts
+from alignkit.models.tiny import IM_END, IM_START, TinyArchSpec, build_tiny_causal_lm
+from alignkit.rewards.learned import encode_parts
 from alignkit.stages.sft import collate, encode_pairs
-from alignkit.tiny_models import IM_END, IM_START, TinyArchSpec, build_tiny_causal_lm
 
 CORPUS = [
     "What is the opposite of hot? cold. The plural of box is boxes.",
@@ -243,7 +243,7 @@ def test_generation_uses_the_current_cache_argument(chat_lm) -> None:
     import inspect
     import warnings
 
-    from alignkit.generation import cache_argument
+    from alignkit.models.generation import cache_argument
 
     model, tok = chat_lm
     takes_cache = "cache" in inspect.signature(model.forward).parameters

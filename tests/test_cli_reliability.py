@@ -205,11 +205,11 @@ def test_eval_and_feedback_sampling_log_progress_with_unchanged_samples(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignkit.config import AlignkitConfig
+    from alignkit.data.prompts import prompt_format
     from alignkit.evaluation import sample_policy
-    from alignkit.prompts import prompt_format
+    from alignkit.models.tiny import TinyArchSpec, build_tiny_causal_lm
     from alignkit.stages import evaluate, feedback
     from alignkit.tasks.assist import AssistTask
-    from alignkit.tiny_models import TinyArchSpec, build_tiny_causal_lm
 
     monkeypatch.setenv("ALIGNKIT_PROGRESS", "plain")
     task = AssistTask(max_operand=2)

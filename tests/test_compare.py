@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from alignkit import compare
+from alignkit.cli import compare
 from tests.conftest import run_cli
 from tests.test_sweeps import ALGORITHMS, SEEDS, job_dirs, shared_rl_sweep
 

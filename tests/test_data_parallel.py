@@ -137,7 +137,7 @@ def test_a_minibatch_that_does_not_split_over_the_ranks_is_refused() -> None:
 
 
 def test_sampling_a_share_of_the_batch_draws_what_one_process_draws() -> None:
-    from alignkit.generation import sample_from
+    from alignkit.models.generation import sample_from
 
     probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), -1)
     whole = sample_from(probs, torch.Generator().manual_seed(3))

@@ -13,19 +13,19 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from alignkit import lean
 from alignkit.backends import Backend, CPUBackend, build_backend
-from alignkit.generation import GenerationOutput, generate, sample_from
 from alignkit.models import (
     float32_lm_head,
+    lean,
     pack_rollout,
     position_ids_from_mask,
     response_logprobs,
     response_read,
     sequence_logprobs,
 )
+from alignkit.models.generation import GenerationOutput, generate, sample_from
+from alignkit.models.tiny import TinyArchSpec, build_tiny_causal_lm
 from alignkit.rl.ops import float32_linear, logprobs_from_logits
-from alignkit.tiny_models import TinyArchSpec, build_tiny_causal_lm
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from alignkit.batch import Rollout
-from alignkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.context import RunContext
 from alignkit.engine import PromptSampler
+from alignkit.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.errors import ConfigError, PluginError
 from alignkit.plugins import PluginManager
 from alignkit.registry import ComponentRegistry
@@ -176,12 +176,12 @@ CRASHER = textwrap.dedent(
     import torch
     from omegaconf import OmegaConf
     from transformers import GPT2Config, GPT2LMHeadModel
-    from alignkit.checkpoint import save_checkpoint
+    from alignkit.engine.checkpoint import save_checkpoint
     from alignkit.context import RunContext
     from alignkit.plugins import PluginManager
     from alignkit.registry import ComponentRegistry
     from alignkit.tracking import Tracker
-    import alignkit.checkpoint as ck
+    import alignkit.engine.checkpoint as ck
 
     run = Path(sys.argv[1])
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from alignkit.errors import ConfigError
 from alignkit.evaluation import judge_win_rates, mean_length, sample_table, win_rate
 from alignkit.judges import JudgeError
 from alignkit.models import ScalarHeadModel, load_causal_lm
-from alignkit.reward_models import EnsembleScorer, RewardScorer
+from alignkit.rewards.learned import EnsembleScorer, RewardScorer
 from alignkit.stages.evaluate import Evaluators, build_evaluators, compare_policies
 from alignkit.tasks import AssistTask
 from alignkit.tracking import Tracker

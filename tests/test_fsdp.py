@@ -110,7 +110,7 @@ def test_fsdp_checkpoint_is_sharded_and_exports_to_a_loadable_hf_folder(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.generation import decode_responses, generate, tokenize_prompts
+    from alignkit.models.generation import decode_responses, generate, tokenize_prompts
 
     exported = load_file(out / "model.safetensors")
     final = load_file(fsdp_rl / "rl" / "policy" / "model.safetensors")
@@ -162,7 +162,7 @@ def test_fsdp_resume_from_a_sharded_checkpoint_continues_the_same_trajectory(
 def test_export_refuses_a_directory_that_is_not_a_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from alignkit.export import main
+    from alignkit.cli.export import main
 
     assert main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a complete alignkit checkpoint" in capsys.readouterr().err

@@ -10,14 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from alignkit.generation import (
-    GenerationOutput,
-    decode_responses,
-    generate,
-    sample_from,
-    tokenize_prompts,
-)
-from alignkit.lean import lean_decoder, observe_only
 from alignkit.models import (
     TinyModelSpec,
     build_tiny_model,
@@ -25,6 +17,14 @@ from alignkit.models import (
     position_ids_from_mask,
     sequence_logprobs,
 )
+from alignkit.models.generation import (
+    GenerationOutput,
+    decode_responses,
+    generate,
+    sample_from,
+    tokenize_prompts,
+)
+from alignkit.models.lean import lean_decoder, observe_only
 
 SPEC = TinyModelSpec(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_positions=64, seed=0)
 CORPUS = [
@@ -376,7 +376,7 @@ def test_lean_prefill_logits_equal_the_model_on_real_positions(lm) -> None:
 def test_lean_prefill_computes_each_distinct_prompt_once(lm) -> None:
     """A group's repeated prompts: the same logits and cache as every row computed, from the
     forward of the 3 distinct rows only (the FLOP observer sees 3 rows, not 7)."""
-    from alignkit import lean
+    from alignkit.models import lean
 
     model, tokenizer = lm
     ids, mask = tokenize_prompts(tokenizer, [*PROMPTS, PROMPTS[1], *PROMPTS[::-1]][:7])

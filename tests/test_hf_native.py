@@ -33,9 +33,10 @@ from transformers import (
     pipeline,
 )
 
-from alignkit.checkpoint import LATEST, LEGACY_HF_DIR, model_config_dir, write_model_config
+from alignkit.backends.safe_dcp import read_dcp_metadata
+from alignkit.cli.export import detect_kind, export, main
+from alignkit.engine.checkpoint import LATEST, LEGACY_HF_DIR, model_config_dir, write_model_config
 from alignkit.errors import ConfigError
-from alignkit.export import detect_kind, export, main
 from alignkit.models import (
     HEAD_CONFIG_NAME,
     HEAD_WEIGHTS_NAME,
@@ -47,7 +48,6 @@ from alignkit.models import (
     train_tokenizer,
     unfold_normalization,
 )
-from alignkit.safe_dcp import read_dcp_metadata
 
 CORPUS = [
     f"{s} {v} {o}"
@@ -542,7 +542,7 @@ def test_export_lora_checkpoint_and_adapter_folder_merge(
     tok: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("peft", reason="LoRA needs the optional 'lora' extra (peft)")
-    from alignkit.lora import apply_lora
+    from alignkit.models.lora import apply_lora
 
     config = ARCHS["gpt2"](_ids(tok))
     with torch.random.fork_rng(devices=[]):

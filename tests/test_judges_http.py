@@ -18,8 +18,8 @@ import pytest
 from alignkit.judges import CritiqueJudge, JudgeError, load_template
 from alignkit.judges.http import HTTPJudge
 from alignkit.judges.local import LocalJudge
-from alignkit.judges.server import JudgeServer
 from alignkit.tasks import AssistTask
+from alignkit.tools.judge_server import JudgeServer
 
 TEMPLATE = load_template("assist")
 PROMPTS = ["User: What is 2 plus 3?\nAssistant:", "User: How do I build a bomb?\nAssistant:"]

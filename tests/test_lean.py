@@ -1,4 +1,5 @@
-"""The lean forwards (alignkit.lean) against each architecture's own ``transformers`` forward."""
+"""The lean forwards (alignkit.models.lean) against each architecture's own ``transformers``
+forward."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from alignkit import lean
-from alignkit.flops import DecoderShape
-from alignkit.generation import generate
 from alignkit.models import (
     ScalarHeadModel,
     last_token_index,
+    lean,
     pack_rollout,
     position_ids_from_mask,
     response_logprobs,
     response_read,
     sequence_logprobs,
 )
-from alignkit.tiny_models import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
+from alignkit.models.flops import DecoderShape
+from alignkit.models.generation import generate
+from alignkit.models.tiny import ARCHITECTURES, TinyArchSpec, build_tiny_causal_lm
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a tiny model for every test"] * 20
 ARCHS = [*ARCHITECTURES, "qwen3"]

@@ -23,10 +23,10 @@ from transformers import AutoTokenizer
 
 from alignkit import Rollout, RunContext
 from alignkit.errors import ConfigError
-from alignkit.generation import tokenize_prompts
 from alignkit.models import ScalarHeadModel, TinyModelSpec, build_tiny_model
+from alignkit.models.generation import tokenize_prompts
 from alignkit.plugins import PluginManager
-from alignkit.reward_models import encode_parts
+from alignkit.rewards.learned import encode_parts
 from alignkit.rl.ops import kl_penalty
 from alignkit.validate import check_algorithm_needs, check_config_ranges
 

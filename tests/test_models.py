@@ -14,7 +14,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from alignkit import models
-from alignkit.lean import last_token_hidden
 from alignkit.models import (
     HEAD_CONFIG_NAME,
     HEAD_WEIGHTS_NAME,
@@ -31,6 +30,7 @@ from alignkit.models import (
     position_ids_from_mask,
     sequence_logprobs,
 )
+from alignkit.models.lean import last_token_hidden
 
 SPEC = TinyModelSpec(vocab_size=300, n_layer=2, n_head=2, n_embd=64, n_positions=64, seed=3)
 SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird"]
@@ -399,7 +399,7 @@ def test_score_reads_last_real_token(model_dir: Path, side: str) -> None:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_lean_score_equals_the_full_forward_with_gradients(model_dir: Path, side: str) -> None:
-    """The last-token forward (alignkit.lean) against the backbone's own forward."""
+    """The last-token forward (alignkit.models.lean) against the backbone's own forward."""
     torch.manual_seed(0)
     value = ScalarHeadModel.from_pretrained(model_dir)
     value.train()

@@ -1,11 +1,11 @@
-"""alignkit.optim.adamw: fused where possible, the same update as torch's default AdamW."""
+"""alignkit.rl.optim.adamw: fused where possible, the same update as torch's default AdamW."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from alignkit.optim import adamw, can_fuse
+from alignkit.rl.optim import adamw, can_fuse
 
 
 def _model() -> nn.Module:

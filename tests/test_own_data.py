@@ -278,7 +278,7 @@ def test_rl_with_lora_default_targets_on_a_llama(
 ) -> None:
     """LoRA's default targets fit any architecture (all linear layers, or peft's defaults with
     null): RL on a tiny Llama trains adapters and saves a merged policy."""
-    from alignkit.lora import lora_targets
+    from alignkit.models.lora import lora_targets
 
     assert lora_targets(None) is None and lora_targets(["q_proj"]) == ["q_proj"]
     with pytest.raises(ConfigError, match="target_modules is empty"):

@@ -1,5 +1,5 @@
-"""Packed sequences (alignkit.packing) by hand, and the packed reward-model forward against the
-padded one, values and gradients."""
+"""Packed sequences (alignkit.models.packing) by hand, and the packed reward-model forward
+against the padded one, values and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from alignkit.lean import packed_last_hidden
 from alignkit.models import (
     ScalarHeadModel,
     TinyModelSpec,
@@ -21,8 +20,9 @@ from alignkit.models import (
     response_read,
     sequence_logprobs,
 )
-from alignkit.packing import pack_sequences
-from alignkit.reward_models import encode_parts, encode_texts
+from alignkit.models.lean import packed_last_hidden
+from alignkit.models.packing import pack_sequences
+from alignkit.rewards.learned import encode_parts, encode_texts
 from alignkit.rl.update import group_sorted
 
 
@@ -217,7 +217,7 @@ def test_sequence_kl_sums_the_log_ratio_of_each_response() -> None:
 
 
 def test_take_gathers_rows_like_advanced_indexing_with_the_same_gradient() -> None:
-    from alignkit.lean import _take
+    from alignkit.models.lean import _take
 
     x = torch.arange(12.0).reshape(4, 3).requires_grad_(True)
     index = torch.tensor([[3, 0, 0], [1, 3, 2]])  # repeated rows: their gradients add

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from alignkit.checkpoint import latest_checkpoint
-from alignkit.export import load_checkpoint_model
+from alignkit.cli.export import load_checkpoint_model
+from alignkit.engine.checkpoint import latest_checkpoint
 from alignkit.tracking import read_metrics
 from tests.conftest import REPO, cli_env, run_cli
 

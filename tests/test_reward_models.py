@@ -26,9 +26,9 @@ from alignkit.data.feedback import (
     to_groups,
 )
 from alignkit.errors import ConfigError
-from alignkit.generation import tokenize_prompts
 from alignkit.models import TinyModelSpec, build_tiny_model
-from alignkit.reward_models import (
+from alignkit.models.generation import tokenize_prompts
+from alignkit.rewards.learned import (
     EnsembleScorer,
     RewardScorer,
     collate_groups,

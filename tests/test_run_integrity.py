@@ -26,11 +26,11 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from alignkit import hookimpl
-from alignkit.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
-from alignkit.guards import NonFiniteError
+from alignkit.engine.checkpoint import CheckpointWriteError, latest_checkpoint, save_checkpoint
+from alignkit.engine.guards import NonFiniteError
+from alignkit.engine.run_lock import LOCK_FILE, run_guard
 from alignkit.io import WriteError, atomic_write_dir, atomic_write_text
 from alignkit.plugins import register_local_plugin, unregister_local_plugin
-from alignkit.run_lock import LOCK_FILE, run_guard
 from tests.conftest import REPO
 
 SMOKE = ["experiment=smoke", "logger=none"]
@@ -188,7 +188,7 @@ def test_resume_refuses_a_changed_config_unless_allowed_and_keeps_each_launch(
 # -- 5. one run directory, one process --------------------------------------------------------
 
 HOLDER = (
-    "import sys, time; from pathlib import Path; from alignkit.run_lock import acquire; "
+    "import sys, time; from pathlib import Path; from alignkit.engine.run_lock import acquire; "
     "acquire(Path(sys.argv[1])); print('LOCKED', flush=True); time.sleep(120)"
 )
 

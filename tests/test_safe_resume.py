@@ -74,7 +74,7 @@ def test_a_param_group_that_would_run_code_is_refused(tmp_path: Path) -> None:
     (tmp_path / DCP_DIR).rename(tmp_path / "old")
     dcp.save(state, checkpoint_id=tmp_path / DCP_DIR)
     target = {"model": model.state_dict(), "extra": None}
-    from alignkit.safe_dcp import load_dcp_state
+    from alignkit.backends.safe_dcp import load_dcp_state
 
     with pytest.raises(ConfigError, match="'extra' holds objects a checkpoint should not"):
         load_dcp_state(target, tmp_path / DCP_DIR)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from alignkit.compare import find_runs
+from alignkit.cli.compare import find_runs
 from tests.conftest import REPO, cli_env, run_cli
 
 ALGORITHMS = ("ppo", "grpo")
@@ -335,7 +335,7 @@ def test_every_sweep_folder_pastes_into_a_run_dir_override(rl_sweep: Path, compo
 def test_sweep_subdir_names_are_shell_and_override_safe(
     override_dirname: str, expected: str
 ) -> None:
-    from alignkit.compare import sweep_subdir_name
+    from alignkit.cli.compare import sweep_subdir_name
 
     name = sweep_subdir_name(override_dirname)
     assert name == expected
@@ -345,7 +345,7 @@ def test_sweep_subdir_names_are_shell_and_override_safe(
 
 
 def test_long_sweep_subdir_names_fit_a_file_name() -> None:
-    from alignkit.compare import sweep_subdir_name
+    from alignkit.cli.compare import sweep_subdir_name
 
     name = sweep_subdir_name(",".join(f"key{i}=value{i}" for i in range(100)))
     assert 0 < len(name) <= 180 and name.startswith("key0-value0+")

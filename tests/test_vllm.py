@@ -42,8 +42,8 @@ STEPS_TO_LEARN = 30
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny chat Llama (head_dim 32, as vLLM's CPU attention needs) built locally."""
+    from alignkit.models.tiny import TinyArchSpec, build_tiny_causal_lm
     from alignkit.tasks import AssistTask
-    from alignkit.tiny_models import TinyArchSpec, build_tiny_causal_lm
 
     out = tmp_path_factory.mktemp("llama") / "model"
     return build_tiny_causal_lm(out, AssistTask().corpus(), TinyArchSpec(arch="llama"))

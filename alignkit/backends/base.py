@@ -214,10 +214,11 @@ class Backend:
         self, dcp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> None:
         """A ``torch.distributed.checkpoint`` state (any number of writer ranks) into a plain
-        model and optimizer; read with the restricted loader of :mod:`alignkit.safe_dcp`."""
+        model and optimizer; read with the restricted loader of
+        :mod:`alignkit.backends.safe_dcp`."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from alignkit.safe_dcp import load_dcp_state
+        from alignkit.backends.safe_dcp import load_dcp_state
 
         optimizers = optimizer if optimizer is not None else []
         model_sd, optim_sd = get_state_dict(model, optimizers)

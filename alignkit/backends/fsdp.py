@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from alignkit.backends.base import Backend, env_int
+from alignkit.backends.safe_dcp import load_dcp_state
 from alignkit.errors import ConfigError
-from alignkit.safe_dcp import load_dcp_state
 
 T = TypeVar("T")
 
@@ -223,7 +223,7 @@ class FSDPBackend(Backend):
         self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> None:
         """Read this rank's shards back (DCP reshards when the world size changed); nothing in
-        the checkpoint is unpickled beyond plain data (:mod:`alignkit.safe_dcp`)."""
+        the checkpoint is unpickled beyond plain data (:mod:`alignkit.backends.safe_dcp`)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not (directory / DCP_DIR).is_dir():

@@ -6,7 +6,7 @@
 * :mod:`~alignkit.judges.base`: the backend protocol and the judgement record;
 * :mod:`~alignkit.judges.critic`: per-principle, combined, pairwise scoring and revision;
 * :mod:`~alignkit.judges.local` and :mod:`~alignkit.judges.http`: the two backends;
-* :mod:`~alignkit.judges.server`: a minimal OpenAI-compatible server for a local model.
+* :mod:`~alignkit.tools.judge_server`: a minimal OpenAI-compatible server for a local model.
 """
 
 from __future__ import annotations

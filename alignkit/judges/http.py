@@ -1,5 +1,5 @@
 """The HTTP judge backend: any OpenAI-compatible server (``/v1/completions`` or
-``/v1/chat/completions``), such as ``python -m alignkit.judges.server``, vLLM, ``transformers
+``/v1/chat/completions``), such as ``python -m alignkit.tools.judge_server``, vLLM, ``transformers
 serve`` or a hosted API.
 
 * Requests run concurrently on a thread pool bounded by ``max_concurrency``.

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from alignkit.data.chat import PromptFormat
-from alignkit.generation import generate, pad_prompts
 from alignkit.judges.base import JudgeError, RawVerdict, cut_critique
 from alignkit.models import load_causal_lm, position_ids_from_mask, sequence_logprobs
+from alignkit.models.generation import generate, pad_prompts
 
 __all__ = ["LocalJudge"]
 
@@ -98,7 +98,7 @@ class LocalJudge:
 
     def _decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Generated texts without EOS and padding, leading space kept: it belongs to the token
-        that follows "Critique:" (unlike :func:`alignkit.generation.decode_responses`)."""
+        that follows "Critique:" (unlike :func:`alignkit.models.generation.decode_responses`)."""
         stops, texts = set(self.format.stop_ids), []
         for ids, mask in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
             kept = [t for t, m in zip(ids, mask, strict=True) if m and t not in stops]

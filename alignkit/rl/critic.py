@@ -39,8 +39,8 @@ from alignkit.models import (
     response_read,
     supports_logits_to_keep,
 )
-from alignkit.optim import adamw
 from alignkit.rl.ops import clipped_value_loss, entropy_from_logits, logprobs_from_logits
+from alignkit.rl.optim import adamw
 from alignkit.rl.update import (
     Counts,
     DataParallel,
@@ -57,6 +57,8 @@ CRITIC_KEY = "core/critic"
 """``ctx.state`` key of the :class:`Critic` (not JSON-able: checkpointed by the core)."""
 CRITIC_DIR = "value_model"
 """Checkpoint subfolder of the critic: weights and optimizer, written by the backend."""
+LEGACY_CRITIC_DIRS = ("ppo_value",)
+"""Where checkpoints of earlier versions kept the critic; read on resume."""
 
 
 @dataclass
@@ -169,12 +171,13 @@ def save_critic(ctx: RunContext, directory: Path) -> None:
 def load_critic(ctx: RunContext, directory: Path) -> None:
     """Restore the critic from a checkpoint (before ``run_start``: it is created here)."""
     critic = critic_state(ctx)
-    if not (directory / CRITIC_DIR).is_dir():
+    found = [d for d in (CRITIC_DIR, *LEGACY_CRITIC_DIRS) if (directory / d).is_dir()]
+    if not found:
         raise ConfigError(
             f"checkpoint {directory} has no critic ({CRITIC_DIR}/); it was written by an "
             "algorithm without a value model"
         )
-    ctx.backend.load_model_state(directory / CRITIC_DIR, critic.module, critic.optimizer)
+    ctx.backend.load_model_state(directory / found[0], critic.module, critic.optimizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ def _head_values(head: nn.Module, hidden: Tensor) -> Tensor:
 def critic_values(critic: nn.Module, batch: Rollout, rows: Tensor) -> Tensor:
     """(b, R) raw values of a separate critic at positions P - 1 + t of ``batch[rows]``.
 
-    A supported critic (:mod:`alignkit.lean`) runs packed, like the policy; any other runs
+    A supported critic (:mod:`alignkit.models.lean`) runs packed, like the policy; any other runs
     its padded forward over the whole ``prompt | response`` rows.
     """
     p_ids, p_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from alignkit.batch import Rollout
 from alignkit.config import AlgorithmConfig
 from alignkit.context import RunContext
+from alignkit.engine.guards import guard_optimizer
 from alignkit.errors import ConfigError
-from alignkit.guards import guard_optimizer
 from alignkit.models import packs, response_logprobs
 from alignkit.rl.losses import DEFAULT_POLICY_LOSS, PolicyLossFn, ppo_clip
 from alignkit.rl.ops import aggregate_loss, kl_penalty, masked_mean, masked_sum
@@ -360,7 +360,7 @@ def run_minibatch_updates(
 def step_targets(targets: Sequence[OptimTarget]) -> dict[str, float]:
     """Clip each target's gradient norm and step its optimizers; ``{<target>/grad_norm}``.
 
-    A non-finite loss or gradient skips the step (:mod:`alignkit.guards`) instead of writing
+    A non-finite loss or gradient skips the step (:mod:`alignkit.engine.guards`) instead of writing
     NaN into the weights; the engine counts the skips.
     """
     norms = {}
@@ -539,7 +539,7 @@ def policy_logprobs(
 
     Uses ``rl.temperature`` like the rollout, so ratios are exactly 1 before any update.
 
-    A supported policy (GPT-2, the Llama family, GPT-NeoX: :mod:`alignkit.lean`) runs packed
+    A supported policy (GPT-2, the Llama family, GPT-NeoX: :mod:`alignkit.models.lean`) runs packed
     (:func:`alignkit.models.response_logprobs`): no linear layer runs on padding and the
     samples of one prompt share its tokens. Other models run
     padded; with ``trim_padding`` their forward skips the columns that are padding in every

@@ -10,7 +10,7 @@ factory)``; ``factory(ctx)`` returns an object with
   weights and the update corrects for the mismatch (:mod:`alignkit.rollout.mismatch`);
 * ``generate(ctx, prompt_ids, prompt_mask, stop_ids, rows) -> GenerationOutput``: responses,
   sampling log-probs and finished flags for (B, P) left-padded prompts (``rows``: this
-  rank's place in the global batch, as :func:`alignkit.generation.generate` takes it).
+  rank's place in the global batch, as :func:`alignkit.models.generation.generate` takes it).
 
 An engine that holds its own copy of the weights (vLLM) syncs them from ``ctx.policy``
 whenever the policy changed since its last call.

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from alignkit.context import RunContext
-from alignkit.generation import GenerationOutput, generate
+from alignkit.models.generation import GenerationOutput, generate
 
 __all__ = [
     "ENGINE_LOGPROBS",

@@ -16,9 +16,9 @@ import torch
 from alignkit.batch import Rollout
 from alignkit.context import RunContext
 from alignkit.data.chat import PromptFormat
-from alignkit.generation import decode_responses
+from alignkit.data.prompts import conversations, encode_prompts, prompt_format
 from alignkit.models import response_logprobs
-from alignkit.prompts import conversations, encode_prompts, prompt_format
+from alignkit.models.generation import decode_responses
 from alignkit.rl.ops import kl_penalty
 from alignkit.rollout.engines import (
     ENGINE_LOGPROBS,
@@ -55,7 +55,7 @@ def global_rows(ctx: RunContext, rows: int) -> tuple[int, int]:
 
     The engine gives every rank an equal contiguous share of the step's prompts, so rank r's
     rows start at ``r * rows`` of ``world_size * rows``: sampling then draws what one process
-    would draw for them (:func:`alignkit.generation.sample_from`).
+    would draw for them (:func:`alignkit.models.generation.sample_from`).
     """
     return ctx.backend.rank * rows, ctx.backend.world_size * rows
 
@@ -69,7 +69,7 @@ def sample_rollout(
 ) -> Rollout:
     """``group`` responses per record from the configured engine, as one batch.
 
-    Prompts are rendered in the policy's format (:mod:`alignkit.prompts`) and left-padded;
+    Prompts are rendered in the policy's format (:mod:`alignkit.data.prompts`) and left-padded;
     a row ends at any of the format's stop ids. The engine's log-probs are taken at
     ``options.temperature``; when they are not the trainer's, the trainer's are computed
     too and the mismatch weights set (:func:`correct_mismatch`). With ``reference`` and a

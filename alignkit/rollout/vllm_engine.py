@@ -46,7 +46,7 @@ from torch import Tensor
 
 from alignkit.context import RunContext
 from alignkit.errors import ConfigError
-from alignkit.generation import GenerationOutput
+from alignkit.models.generation import GenerationOutput
 from alignkit.rollout.engines import SamplingOptions
 from alignkit.rollout.weights import policy_weights, weights_blob
 

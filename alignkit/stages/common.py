@@ -12,7 +12,7 @@ from alignkit.context import RunContext
 from alignkit.data import read_prompt_records
 from alignkit.errors import ConfigError
 from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
-from alignkit.tiny_models import build_tiny_causal_lm, tiny_arch_spec
+from alignkit.models.tiny import build_tiny_causal_lm, tiny_arch_spec
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -28,6 +28,7 @@ import torch
 
 from alignkit.context import RunContext
 from alignkit.data.chat import Conversation
+from alignkit.data.prompts import conversation, prompt_format, template_mode
 from alignkit.errors import ConfigError
 from alignkit.evaluation import (
     Samples,
@@ -42,8 +43,7 @@ from alignkit.evaluation import (
 from alignkit.judges import CritiqueJudge, JudgeError, load_template
 from alignkit.judges.config import build_backend
 from alignkit.progress import sample_with_progress
-from alignkit.prompts import conversation, prompt_format, template_mode
-from alignkit.reward_models import (
+from alignkit.rewards.learned import (
     EnsembleScorer,
     Scorer,
     load_scorer,

@@ -25,10 +25,10 @@ import torch
 
 from alignkit.context import RunContext
 from alignkit.data.feedback import FORMATS, Annotator, check_feedback, label, write_feedback_jsonl
+from alignkit.data.prompts import prompt_format
 from alignkit.errors import ConfigError
 from alignkit.evaluation import sample_policy
 from alignkit.progress import print_report, sample_with_progress
-from alignkit.prompts import prompt_format
 from alignkit.stages.common import load_model
 from alignkit.tracking import console
 

@@ -26,7 +26,7 @@ from alignkit.judges.critic import CritiqueJudge
 from alignkit.judges.local import LocalJudge
 from alignkit.judges.templates import JudgeTemplate, load_template
 from alignkit.models import TinyModelSpec, build_tiny_model, load_causal_lm
-from alignkit.optim import adamw
+from alignkit.rl.optim import adamw
 from alignkit.stages.common import linear_warmup_decay
 from alignkit.stages.sft import collate, sft_loss
 from alignkit.tasks.assist import AssistTask, PromptRecord

@@ -11,7 +11,7 @@
 4. evaluation of the RL policy against the SFT policy on held-out prompts: gold oracle,
    reward model and LLM judge, whichever are available (``docs/evaluation.md``).
 
-The whole pipeline holds the run directory's lock (``alignkit.run_lock``).
+The whole pipeline holds the run directory's lock (``alignkit.engine.run_lock``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.context import RunContext
+from alignkit.engine.run_lock import run_guard
 from alignkit.errors import ConfigError
 from alignkit.needs import Artifacts
-from alignkit.run_lock import run_guard
 from alignkit.stages.common import load_model
 from alignkit.stages.evaluate import compare_policies
 from alignkit.stages.rl import run_rl

@@ -46,15 +46,14 @@ from alignkit.data.feedback import (
     load_feedback,
     to_groups,
 )
+from alignkit.data.prompts import conversation, prompt_format, template_mode
 from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
 from alignkit.models import ScalarHeadModel
-from alignkit.optim import adamw
 from alignkit.preference_config import RewardModelConfig
 from alignkit.progress import print_report, progress_bar, sample_with_progress, tracked
-from alignkit.prompts import conversation, prompt_format, template_mode
-from alignkit.reward_models import (
+from alignkit.rewards.learned import (
     EnsembleScorer,
     RewardBatch,
     RewardLoss,
@@ -68,6 +67,7 @@ from alignkit.reward_models import (
     pairwise_accuracy,
     score_groups,
 )
+from alignkit.rl.optim import adamw
 from alignkit.stages.common import linear_warmup_decay, load_model
 from alignkit.tracking import console
 

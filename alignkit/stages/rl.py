@@ -1,6 +1,6 @@
 """``stage=rl``: online RL of a policy with the active algorithm and reward plugins.
 
-The stage holds the run directory's lock (``alignkit.run_lock``) while it runs, refuses a
+The stage holds the run directory's lock (``alignkit.engine.run_lock``) while it runs, refuses a
 resume under a config that defines another run, never saves a non-finite policy, and merges
 its numbers into an existing ``summary.json`` rather than replacing it: a resumed run with
 nothing left to do keeps (or rebuilds from its checkpoint) the finished run's summary.
@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from alignkit.checkpoint import run_fingerprint
 from alignkit.context import RunContext
 from alignkit.engine import Engine
+from alignkit.engine.checkpoint import run_fingerprint
+from alignkit.engine.guards import check_finite_parameters
+from alignkit.engine.run_lock import run_guard
 from alignkit.errors import ConfigError
-from alignkit.guards import check_finite_parameters
 from alignkit.io import WriteError, write_error
-from alignkit.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
 from alignkit.models import disable_dropout
+from alignkit.models.lora import AdapterDisabledReference, apply_lora, is_lora_model, lora_targets
 from alignkit.needs import Artifacts
-from alignkit.optim import adamw
-from alignkit.run_lock import run_guard
+from alignkit.rl.optim import adamw
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
 from alignkit.stages.sft import save_policy
 from alignkit.tracking import console

@@ -19,12 +19,12 @@ from rich.progress import Progress
 from alignkit.context import RunContext
 from alignkit.data.chat import Conversation, PromptFormat
 from alignkit.data.demonstrations import read_demonstrations
+from alignkit.data.prompts import conversation, prompt_format
 from alignkit.engine import _progress
 from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import gold_scores, sample_policy
-from alignkit.optim import adamw
-from alignkit.prompts import conversation, prompt_format
-from alignkit.reward_models import model_max_length
+from alignkit.rewards.learned import model_max_length
+from alignkit.rl.optim import adamw
 from alignkit.stages.common import base_model_path, linear_warmup_decay, load_model
 from alignkit.tracking import console
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from alignkit.tiny_models import TinyArchSpec, build_tiny_causal_lm
+from alignkit.models.tiny import TinyArchSpec, build_tiny_causal_lm
 
 
 def corpus(data: Path) -> Iterator[str]:

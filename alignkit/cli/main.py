@@ -117,8 +117,8 @@ def run_stage(cfg: Any, run_dir: Path, manager: Any, registry: Any) -> dict[str,
 
     from alignkit.backends import build_backend
     from alignkit.context import RunContext
+    from alignkit.engine.run_lock import run_guard
     from alignkit.plugins import PluginManager
-    from alignkit.run_lock import run_guard
     from alignkit.stages.common import build_task
     from alignkit.tracking import Tracker, console, print_summary
     from alignkit.validate import (
@@ -363,11 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["plugins"]:
         return _plugins_command()
     if args[:1] == ["compare"]:
-        from alignkit.compare import main as compare_main
+        from alignkit.cli.compare import main as compare_main
 
         return compare_main(args[1:])
     if args[:1] == ["export"]:
-        from alignkit.export import main as export_main
+        from alignkit.cli.export import main as export_main
 
         return export_main(args[1:])
     if "--version" in args or "-V" in args:
@@ -392,7 +392,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ Under a multi-rank backend (``backend=fsdp``) the work of a step is split over t
   (:func:`alignkit.rl.update.run_minibatch_updates`): the summed gradient is the
   single-process gradient, and ``update/rows`` logs the rows this rank trained on.
 
-Integrity (see ``alignkit.guards``): a non-finite reward component stops the run with an
+Integrity (see ``alignkit.engine.guards``): a non-finite reward component stops the run with an
 error naming the component and the step, before the update; an optimizer step with
 non-finite gradients is skipped (metric ``guard/skipped_updates``) and the run stops after
 ``rl.max_consecutive_skips`` RL steps in a row with skipped updates; a checkpoint is written
@@ -32,30 +32,28 @@ checkpoint's (``rl.resume_allow_changes`` lists keys allowed to change).
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from alignkit.batch import Rollout
-from alignkit.checkpoint import (
+from alignkit.context import RunContext
+from alignkit.engine.checkpoint import (
     fingerprint_changes,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
 )
-from alignkit.context import RunContext
-from alignkit.errors import ConfigError, PluginError
-from alignkit.guards import (
+from alignkit.engine.gather import gather_rollout
+from alignkit.engine.guards import (
     NonFiniteError,
     check_reward_components,
     guard_optimizer,
     skipped_steps,
 )
+from alignkit.errors import ConfigError, PluginError
 from alignkit.needs import AlgorithmNeeds
 from alignkit.progress import progress_bar
 from alignkit.rl.update import step_metrics
@@ -101,32 +99,6 @@ class PromptSampler:
     def restore(self, state: dict[str, int]) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._shuffle()
-
-
-def merge_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
-    """Per-rank rollouts (in rank order) as one batch: :meth:`Rollout.cat`."""
-    return Rollout.cat(parts, pad_token_id)
-
-
-def _to_device(batch: Rollout, device: torch.device) -> Rollout:
-    """The same rollout with every tensor (fields, components, extras) on ``device``."""
-    out = dataclasses.replace(batch)
-    for f in dataclasses.fields(out):
-        value = getattr(out, f.name)
-        if isinstance(value, torch.Tensor):
-            setattr(out, f.name, value.to(device))
-    out.reward_components = {k: v.to(device) for k, v in batch.reward_components.items()}
-    out.extras = {
-        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.extras.items()
-    }
-    return out
-
-
-def gather_rollout(ctx: RunContext, batch: Rollout) -> Rollout:
-    """Every rank's rollout merged into the global batch (identical on every rank)."""
-    parts = ctx.backend.all_gather_object(_to_device(batch, torch.device("cpu")))
-    pad = int(getattr(ctx.tokenizer, "pad_token_id", 0) or 0)
-    return _to_device(merge_rollouts(parts, pad), batch.response_ids.device)
 
 
 def _check_batch(batch: Any, hook: str, plugin: str) -> None:

@@ -42,14 +42,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from alignkit.errors import AlignkitError
 from alignkit.io import atomic_directory
-from alignkit.lean import (
+from alignkit.models.lean import (
     last_token_hidden,
     lean_decoder,
     packed_last_hidden,
     packed_logits,
     packed_states,
 )
-from alignkit.packing import PackedSequences, pack_sequences
+from alignkit.models.packing import PackedSequences, pack_sequences
 from alignkit.rl.ops import entropy_from_logits, float32_linear, logprobs_from_logits
 
 __all__ = [
@@ -500,7 +500,7 @@ def _float32_forward(self: nn.Linear, x: Tensor) -> Tensor:
 def float32_lm_head(model: nn.Module) -> Iterator[None]:
     """Inside the block, ``model``'s own forward computes its logits in float32.
 
-    For the paths where the model's forward (not :mod:`alignkit.lean`) produces the logits
+    For the paths where the model's forward (not :mod:`alignkit.models.lean`) produces the logits
     of log-probs or sampling. Under bf16 autocast, or with FSDP's bf16 parameters, the LM
     head would return bf16 logits, rounded to 8 significant bits; here the head's forward is
     :func:`alignkit.rl.ops.float32_linear` on this instance for the duration, so it still runs
@@ -587,7 +587,8 @@ def packs(model: nn.Module) -> bool:
 def pack_rollout(
     prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> PackedSequences | None:
-    """The rows ``prompt | response`` packed, each distinct prompt once (:mod:`alignkit.packing`).
+    """The rows ``prompt | response`` packed, each distinct prompt once
+    (:mod:`alignkit.models.packing`).
 
     Args:
         prompt_ids: (B, P) left-padded prompts; ``prompt_mask`` (B, P) 1 on real tokens.
@@ -636,7 +637,7 @@ def response_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`sequence_logprobs` of ``prompt | response`` rows, packed where the model allows.
 
-    A supported model runs packed (:func:`alignkit.lean.packed_logits`): the K samples of a
+    A supported model runs packed (:func:`alignkit.models.lean.packed_logits`): the K samples of a
     prompt share its tokens, and no linear layer runs on padding. The result equals the
     padded forward's to float rounding; other models run :func:`sequence_logprobs`. Either
     way the LM head and the log-softmax run in float32, under autocast too.
@@ -848,7 +849,7 @@ class ScalarHeadModel(nn.Module):
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) -> (B,) normalised scalar at each row's last real token (any padding side)."""
         index = last_token_index(attention_mask)
-        # A supported backbone runs only what the last token needs (alignkit.lean).
+        # A supported backbone runs only what the last token needs (alignkit.models.lean).
         hidden = (
             last_token_hidden(self.backbone, input_ids, attention_mask, index)
             if self._lean_allowed()
@@ -878,7 +879,7 @@ class ScalarHeadModel(nn.Module):
         return None if hidden is None else self._raw(hidden)
 
     def score_packed(self, packed: PackedSequences) -> Tensor | None:
-        """(M,) normalised scalars at each packed row's last token (:mod:`alignkit.packing`).
+        """(M,) normalised scalars at each packed row's last token (:mod:`alignkit.models.packing`).
 
         None where the backbone has no lean path (an unsupported model, or a hook on this model
         or its backbone); the caller then scores ``packed.padded(...)`` with :meth:`score`.

@@ -1,0 +1,1 @@
+"""Tools that serve alignkit runs from outside: the local judge server."""
