@@ -231,11 +231,14 @@ def _select_extra(value: Any, index: Tensor, rows: int) -> Any:
 def _cat_extra(key: str, first: Any, parts: Sequence[Rollout], width_r: int) -> Any:
     """The concatenation of a per-row extra over ``parts``, else the first part's value."""
     values = [p.extras.get(key) for p in parts]
-    per_row = all(
+    per_row = [
         isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == p.num_rows
         for v, p in zip(values, parts, strict=True)
-    )
-    if not per_row:
+    ]
+    if per_row[0] and not all(per_row):
+        # Kept whole, the first part's rows would misalign with the joined batch's.
+        raise ValueError(f"Rollout.cat: the per-row extra {key!r} is missing from some parts")
+    if not all(per_row):
         return first
     per_token = all(
         v.dim() == 2 and v.shape[1] == p.response_ids.shape[1]  # type: ignore[union-attr]

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.engine.checkpoint`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.engine import checkpoint as _module
+_module = importlib.import_module("alignkit.engine.checkpoint")
 
 sys.modules[__name__] = _module

@@ -1,8 +1,9 @@
 """Moved to :mod:`alignkit.cli.compare`; this import path (and ``python -m``) keeps working."""
 
+import importlib
 import sys
 
-from alignkit.cli import compare as _module
+_module = importlib.import_module("alignkit.cli.compare")
 
 if __name__ == "__main__":
     sys.exit(_module.main())

@@ -110,8 +110,8 @@ class RunContext:
         """What the active algorithm declared (the ``algorithm_needs`` hook; the defaults
         when no active plugin answers). Asked once per config (kept in ``state``)."""
         cached = self.state.get(NEEDS_KEY)
-        if cached is not None and cached[0] is self.cfg:
-            return cached[1]
+        if cached is not None and cached[0] is self.cfg and cached[1] is self.plugins:
+            return cached[2]
         needs = self.plugins.call("algorithm_needs", cfg=self.cfg)
         if needs is None:
             return AlgorithmNeeds()
@@ -119,7 +119,7 @@ class RunContext:
             raise PluginError(
                 f"algorithm_needs returned {type(needs).__name__}, expected AlgorithmNeeds"
             )
-        self.state[NEEDS_KEY] = (self.cfg, needs)
+        self.state[NEEDS_KEY] = (self.cfg, self.plugins, needs)
         return needs
 
     @property

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.models.generation`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.models import generation as _module
+_module = importlib.import_module("alignkit.models.generation")
 
 sys.modules[__name__] = _module

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.engine.guards`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.engine import guards as _module
+_module = importlib.import_module("alignkit.engine.guards")
 
 sys.modules[__name__] = _module

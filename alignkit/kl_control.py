@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.rl.kl_control`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.rl import kl_control as _module
+_module = importlib.import_module("alignkit.rl.kl_control")
 
 sys.modules[__name__] = _module

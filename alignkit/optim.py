@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.rl.optim`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.rl import optim as _module
+_module = importlib.import_module("alignkit.rl.optim")
 
 sys.modules[__name__] = _module

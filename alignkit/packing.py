@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.models.packing`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.models import packing as _module
+_module = importlib.import_module("alignkit.models.packing")
 
 sys.modules[__name__] = _module

@@ -207,6 +207,17 @@ class PluginManager:
             plugin = getattr(exc, "plugin", None)
             name = self.pm.get_name(plugin) if plugin is not None else "?"
             raise PluginError(f"plugin {name!r} violates the hook contract: {exc}") from None
+        declared = [
+            i.plugin_name
+            for i in self.pm.hook.algorithm_needs.get_hookimpls()
+            if i.plugin_name != CORE_PLUGIN
+        ]
+        if len(declared) > 1:
+            # firstresult: the last activated would silently overrule the algorithm.
+            raise PluginError(
+                f"plugins {', '.join(sorted(declared))} all answer 'algorithm_needs'; only the "
+                "algorithm may declare what the run needs"
+            )
         for hook in ("rollout", "advantage", "update"):
             if not getattr(self.pm.hook, hook).get_hookimpls():
                 raise PluginError(

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.rewards.learned`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.rewards import learned as _module
+_module = importlib.import_module("alignkit.rewards.learned")
 
 sys.modules[__name__] = _module

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.engine.run_lock`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.engine import run_lock as _module
+_module = importlib.import_module("alignkit.engine.run_lock")
 
 sys.modules[__name__] = _module

@@ -1,7 +1,8 @@
 """Moved to :mod:`alignkit.rl.update`; this import path keeps working (the same module)."""
 
+import importlib
 import sys
 
-from alignkit.rl import update as _module
+_module = importlib.import_module("alignkit.rl.update")
 
 sys.modules[__name__] = _module

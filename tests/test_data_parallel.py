@@ -150,3 +150,27 @@ def test_sampling_a_share_of_the_batch_draws_what_one_process_draws() -> None:
     assert sample_from(probs[3:], torch.Generator().manual_seed(3)).tolist() != whole[3:].tolist()
     with pytest.raises(ValueError, match="rows="):
         sample_from(probs[:3], torch.Generator(), rows=(4, 6))
+
+
+def test_whole_group_minibatches_refuse_shares_that_split_a_group() -> None:
+    """3 pairs on 2 ranks would give each rank one and a half pairs."""
+    from alignkit.rl.update import DataParallel, run_minibatch_updates
+
+    def loss_fn(rows: torch.Tensor, counts: object) -> tuple[torch.Tensor, dict]:
+        raise AssertionError("no forward may run")
+
+    parallel = DataParallel(0, 2, mean=lambda d: d)
+    groups = torch.arange(3).repeat_interleave(2)
+    with pytest.raises(ConfigError, match="not whole groups of 2"):
+        run_minibatch_updates(
+            loss_fn,
+            torch.ones(6, 3),
+            [],
+            epochs=1,
+            minibatch_size=6,
+            grad_accum_steps=1,
+            max_len=3,
+            groups=groups,
+            parallel=parallel,
+            whole_groups=True,
+        )

@@ -327,3 +327,38 @@ def test_a_declared_reward_weight_applies_unless_the_config_sets_one(tmp_path: P
     assert ctx.reward_weight("shaping") == -1.0
     with pytest.raises(ConfigError, match=r"reward\.other\.weight"):
         ctx.reward_weight("other")
+
+
+def test_cat_refuses_a_per_row_extra_missing_from_a_part() -> None:
+    a, b = _rollout(b=2), _rollout(b=2)
+    a.extras["baseline"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="per-row extra 'baseline' is missing"):
+        Rollout.cat([a, b])
+
+
+def test_two_plugins_may_not_both_declare_the_runs_needs(tmp_path: Path) -> None:
+    from alignkit_plugins import core
+
+    from alignkit import AlgorithmNeeds, hookimpl
+    from alignkit.plugins import PluginInfo
+
+    class Declares:
+        @hookimpl
+        def algorithm_needs(self, cfg: object) -> AlgorithmNeeds:
+            return AlgorithmNeeds()
+
+    installed = {
+        "core": PluginInfo(name="core", source="local", target="core", obj=core),
+        "algo": PluginInfo(name="algo", source="local", target="algo", obj=Declares()),
+        "other": PluginInfo(name="other", source="local", target="other", obj=Declares()),
+    }
+    with pytest.raises(PluginError, match="plugins algo, other all answer 'algorithm_needs'"):
+        PluginManager(installed=installed).activate(["algo", "other"])
+
+
+def test_the_lazy_engine_package_names_only_its_own() -> None:
+    import alignkit.engine as engine
+
+    assert engine.Engine is engine.loop.Engine
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        _ = engine.nothing_here

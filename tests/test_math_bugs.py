@@ -378,3 +378,44 @@ def test_group_algorithms_refuse_one_sample_per_prompt(compose: Any, algorithm: 
     with pytest.raises(ConfigError, match=pattern):
         _check(compose(overrides))
     _check(compose([f"algorithm={algorithm}", "rl.samples_per_prompt=2"]))
+
+
+def test_the_fingerprint_records_what_the_run_resolves(compose: Any, tmp_path: Path) -> None:
+    """Earlier versions wrote the trained reward model's path into the config and fingerprinted
+    ``rl.kl_estimator=k1``: the fingerprint of a run that resolves the same values matches."""
+    from omegaconf import open_dict
+
+    from alignkit import Artifacts
+    from alignkit.cli import registration
+    from alignkit.engine.checkpoint import fingerprint_changes, run_fingerprint
+    from alignkit.stages.rl import effective_fingerprint
+
+    run_dir = tmp_path / "run"
+    cfg = compose(["algorithm=ppo", "reward=[bradley_terry]"])
+    manager = PluginManager()
+    manager.activate(["ppo", "bradley_terry"])
+    _, registry = registration()
+    ctx = RunContext(
+        cfg=cfg,
+        run_dir=run_dir / "rl",
+        plugins=manager,
+        registry=registry,
+        tracker=None,  # type: ignore[arg-type]
+        artifacts=Artifacts(reward_model=run_dir / "reward_model"),
+    )
+    current = effective_fingerprint(ctx, run_dir / "sft", run_dir)
+    old_cfg = cfg.copy()
+    with open_dict(old_cfg):
+        old_cfg.rl.kl_estimator = "k1"
+        old_cfg.reward.bradley_terry.path = str(run_dir / "reward_model")
+        old_cfg.algorithm.value_model_path = str(run_dir / "reward_model")
+    saved = run_fingerprint(old_cfg, run_dir / "sft", run_dir)
+    assert fingerprint_changes(saved, current, []) == ([], [])
+    assert current["reward.bradley_terry.path"] == "<run_dir>/reward_model"
+    # a different estimator is still a different run
+    with open_dict(old_cfg):
+        old_cfg.rl.kl_estimator = "k2"
+    refused, _ = fingerprint_changes(
+        run_fingerprint(old_cfg, run_dir / "sft", run_dir), current, []
+    )
+    assert refused == ["rl.kl_estimator: 'k2' -> 'k1'"]

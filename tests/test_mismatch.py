@@ -280,3 +280,39 @@ def test_the_server_does_not_inherit_the_trainers_rendezvous(
         env
     )
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_each_vllm_call_of_a_step_draws_with_its_own_seeds() -> None:
+    """A second rollout call in a step (a greedy baseline, a refill) must not reuse the first
+    call's seeds; the first call of every step keeps the seeds of the global rows."""
+    from types import SimpleNamespace
+
+    from alignkit.rollout import vllm_engine as ve
+
+    class Client:
+        def __init__(self) -> None:
+            self.seeds: list[list[int]] = []
+
+        def generate(self, prompts: Any, seeds: list[int], params: Any) -> list[dict]:
+            self.seeds.append(list(seeds))
+            return [{"tokens": [1], "logprobs": [-1.0], "finished": True} for _ in prompts]
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "rollout": {"mode": "colocate"},
+            "rl": {"temperature": 1.0, "max_new_tokens": 2, "top_k": 0, "top_p": 1.0},
+        }
+    )
+    ctx = SimpleNamespace(cfg=cfg, step=0, tokenizer=SimpleNamespace(pad_token_id=0))
+    engine = ve.VLLMEngine(ctx)  # type: ignore[arg-type]
+    engine.client, engine.synced_step = Client(), 0
+    ids, mask = torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
+    for _ in range(2):
+        engine.generate(ctx, ids, mask, [1], (2, 4))  # type: ignore[arg-type]
+    ctx.step = engine.synced_step = 1
+    engine.generate(ctx, ids, mask, [1], (2, 4))  # type: ignore[arg-type]
+    first, second, next_step = engine.client.seeds
+    assert first == [ve.row_seed(3, 0, 2), ve.row_seed(3, 0, 3)]  # this rank's global rows
+    assert second == [ve.row_seed(3, 0, 6), ve.row_seed(3, 0, 7)]  # after all 4 rows of call 1
+    assert next_step == [ve.row_seed(3, 1, 2), ve.row_seed(3, 1, 3)]

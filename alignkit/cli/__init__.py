@@ -1,6 +1,6 @@
 """The command line: ``alignkit`` (the Hydra app and its helper commands).
 
-* :mod:`alignkit.cli.main` - the Hydra app: compose, check, activate plugins, run a stage;
+* :mod:`alignkit.cli.app` - the Hydra app: compose, check, activate plugins, run a stage;
   ``alignkit plugins``;
 * :mod:`alignkit.cli.compare` - ``alignkit compare``: runs side by side, with bootstrap
   intervals and plots;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from alignkit.cli.main import (
+from alignkit.cli.app import (
     check_secret_overrides,
     main,
     registration,
@@ -35,4 +35,4 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Any other name of the former single module (PEP 562).
-    return getattr(importlib.import_module("alignkit.cli.main"), name)
+    return getattr(importlib.import_module("alignkit.cli.app"), name)

@@ -2,6 +2,6 @@
 
 import sys
 
-from alignkit.cli.main import main
+from alignkit.cli.app import main
 
 sys.exit(main())

@@ -34,12 +34,16 @@ __all__ = [
     "gather_rollout",
     "merge_rollouts",
 ]
-_GATHER = {"gather_rollout", "merge_rollouts"}
+_WHERE = {name: "alignkit.engine.loop" for name in __all__} | {
+    "gather_rollout": "alignkit.engine.gather",
+    "merge_rollouts": "alignkit.engine.gather",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use (PEP 562): the update machinery imports alignkit.engine.guards,
     # and the loop imports the update machinery, so this package imports neither eagerly.
-    # Any other name of the former single module comes from the loop.
-    module = "alignkit.engine.gather" if name in _GATHER else "alignkit.engine.loop"
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alignkit.engine' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

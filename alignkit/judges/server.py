@@ -1,8 +1,9 @@
 """Moved to :mod:`alignkit.tools.judge_server`; this path (and ``python -m``) keeps working."""
 
+import importlib
 import sys
 
-from alignkit.tools import judge_server as _module
+_module = importlib.import_module("alignkit.tools.judge_server")
 
 if __name__ == "__main__":
     sys.exit(_module.main())

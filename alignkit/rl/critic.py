@@ -39,6 +39,7 @@ from alignkit.models import (
     response_read,
     supports_logits_to_keep,
 )
+from alignkit.rewards.learned import member_folders
 from alignkit.rl.ops import clipped_value_loss, entropy_from_logits, logprobs_from_logits
 from alignkit.rl.optim import adamw
 from alignkit.rl.update import (
@@ -109,7 +110,10 @@ def _plain_copy(ctx: RunContext, policy: nn.Module) -> nn.Module:
 
 
 def _init_path(ctx: RunContext) -> Path | str | None:
-    return ctx.cfg.algorithm.get("value_model_path") or ctx.artifacts.reward_model
+    """``algorithm.value_model_path``, else the pipeline's reward model (an ensemble's first
+    member)."""
+    path = ctx.cfg.algorithm.get("value_model_path") or ctx.artifacts.reward_model
+    return member_folders(str(path))[0] if path else None
 
 
 def build_critic(ctx: RunContext) -> Critic:

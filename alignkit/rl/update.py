@@ -320,6 +320,7 @@ def run_minibatch_updates(
     )
     if whole_groups:
         _group_order(groups, minibatch_size, torch.Generator())  # micro-batches: whole groups
+        _check_whole_shares(plan, groups, parallel.world_size)
     _check_divisible(plan, parallel.world_size)
     if not step and sum(len(epoch) for epoch in plan) != 1:
         raise ConfigError("an update whose step is deferred must be a single optimizer step")
@@ -430,6 +431,20 @@ def _check_divisible(plan: list[list[Tensor]], world_size: int) -> None:
             f"a minibatch of {bad[0]} rows does not split evenly over {world_size} ranks: "
             "make algorithm.minibatch_size * algorithm.grad_accum_steps and the batch "
             "(rl.prompts_per_step * rl.samples_per_prompt) multiples of the number of ranks"
+        )
+
+
+def _check_whole_shares(plan: list[list[Tensor]], groups: Tensor, world_size: int) -> None:
+    """Each rank's share of every minibatch must hold whole groups (cut at group bounds)."""
+    size = int(torch.unique(groups, return_counts=True)[1][0])
+    bad = sorted(
+        {len(rows) for epoch in plan for rows in epoch if (len(rows) // world_size) % size}
+    )
+    if bad:
+        raise ConfigError(
+            f"a minibatch of {bad[0]} rows gives each of the {world_size} ranks a share that "
+            f"is not whole groups of {size}: make algorithm.minibatch_size and the batch "
+            f"multiples of {size * world_size}"
         )
 
 

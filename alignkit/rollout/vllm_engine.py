@@ -332,6 +332,9 @@ class VLLMEngine:
         self.client: Any = None
         self.process: subprocess.Popen[bytes] | None = None
         self.synced_step: int | None = None
+        self.calls: tuple[int, int] = (-1, 0)
+        """``(step, calls so far)``: the rollout calls of the current step, so that a second
+        call (a greedy baseline, a refill) draws with other seeds than the first."""
         self.model_dir: tempfile.TemporaryDirectory[str] | None = None
         self.seconds = {"start": 0.0, "sync": 0.0}
 
@@ -435,7 +438,11 @@ class VLLMEngine:
             self.sync(ctx)
         prompts = [ids[m != 0].tolist() for ids, m in zip(prompt_ids, prompt_mask, strict=True)]
         seed, step = int(ctx.cfg.seed), int(ctx.step)
-        seeds = [row_seed(seed, step, rows[0] + i) for i in range(len(prompts))]
+        call = self.calls[1] if self.calls[0] == step else 0
+        self.calls = (step, call + 1)
+        # Global row ids of call k start after k whole calls' rows: the first call's are 0..
+        first = rows[0] + call * rows[1]
+        seeds = [row_seed(seed, step, first + i) for i in range(len(prompts))]
         params = sampling_kwargs(options or SamplingOptions.from_config(ctx.cfg.rl), stop_ids)
         outputs = self.client.generate(prompts, seeds, params)
         pad = int(ctx.tokenizer.pad_token_id) if ctx.tokenizer is not None else 0

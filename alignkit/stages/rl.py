@@ -18,7 +18,7 @@ import torch
 
 from alignkit.context import RunContext
 from alignkit.engine import Engine
-from alignkit.engine.checkpoint import run_fingerprint
+from alignkit.engine.checkpoint import _portable, run_fingerprint
 from alignkit.engine.guards import check_finite_parameters
 from alignkit.engine.run_lock import run_guard
 from alignkit.errors import ConfigError
@@ -137,6 +137,34 @@ def setup_rl(
     )
 
 
+def effective_fingerprint(
+    rl_ctx: RunContext, policy_path: str | Path, run_dir: Path
+) -> dict[str, Any]:
+    """The run's fingerprint with what the run resolves rather than what the config says: the
+    KL estimator in use, and the trained reward model that a learned reward (or a critic)
+    scores (or starts) with when its path is unset. A checkpoint of an earlier version, which
+    wrote the trained paths into the config, then resumes as the same run."""
+    cfg = rl_ctx.cfg
+    fingerprint = run_fingerprint(cfg, policy_path, run_dir)
+    fingerprint["rl.kl_estimator"] = rl_ctx.kl_estimator
+    trained = rl_ctx.artifacts.reward_model
+    if trained is None:
+        return fingerprint
+    path = _portable(str(Path(trained).resolve()), str(Path(run_dir).resolve()))
+    learned = set(rl_ctx.registry.names("learned_reward"))
+    for name, node in (cfg.get("reward") or {}).items():
+        if str(name) not in learned or node is None:
+            continue
+        if "paths" in node and not node.paths:
+            fingerprint[f"reward.{name}.paths"] = [path]
+        elif "path" in node and not node.path:
+            fingerprint[f"reward.{name}.path"] = path
+    algo = cfg.get("algorithm") or {}
+    if "value_model_path" in algo and not algo.value_model_path:
+        fingerprint["algorithm.value_model_path"] = path
+    return fingerprint
+
+
 def previous_summary(run_dir: Path) -> dict[str, Any]:
     """The run's existing ``summary.json`` without its ``stage`` (empty if none/unreadable)."""
     try:
@@ -196,7 +224,7 @@ def run_rl(
         )
     with run_guard(ctx):
         rl_ctx = setup_rl(ctx, path, artifacts)
-        fingerprint = run_fingerprint(ctx.cfg, path, ctx.run_dir)
+        fingerprint = effective_fingerprint(rl_ctx, path, ctx.run_dir)
         engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint)
         try:
             last = engine.run()

@@ -20,9 +20,9 @@ from alignkit.context import RunContext
 from alignkit.data.chat import Conversation, PromptFormat
 from alignkit.data.demonstrations import read_demonstrations
 from alignkit.data.prompts import conversation, prompt_format
-from alignkit.engine import _progress
 from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import gold_scores, sample_policy
+from alignkit.progress import progress_bar
 from alignkit.rewards.learned import model_max_length
 from alignkit.rl.optim import adamw
 from alignkit.stages.common import base_model_path, linear_warmup_decay, load_model
@@ -183,7 +183,7 @@ def run_sft(ctx: RunContext) -> dict[str, float]:
     order: list[int] = []
     loss_value = float("nan")
     model.train()
-    with _progress() as progress:
+    with progress_bar() as progress:
         bar = progress.add_task("sft", total=steps, info="")
         for step in range(steps):
             if len(order) < int(cfg.batch_size):
