@@ -206,6 +206,10 @@ class RLConfig:
     samples_every: int = 20
     """Log a table of sample generations every N steps (0: never)."""
     samples_to_log: int = 8
+    probe_every: int = 5
+    """Offline algorithms (DPO: nothing sampled): every N steps and at the last, sample one
+    response per prompt of the step so the logged ``gold/score``, response statistics and
+    ``kl/ref`` describe the policy (0: never)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -10,7 +10,7 @@ weights), :meth:`~RunContext.draw_prompts` (the checkpointed prompt sampler),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,6 +46,8 @@ class PromptSource(Protocol):
     """The run's checkpointed prompt sampler (:class:`alignkit.engine.PromptSampler`)."""
 
     def next(self, n: int) -> list[Any]: ...
+
+    def keep(self, predicate: Callable[[Any], bool], why: str = ...) -> int: ...
 
 
 @dataclass
@@ -108,7 +110,10 @@ class RunContext:
     @property
     def needs(self) -> AlgorithmNeeds:
         """What the active algorithm declared (the ``algorithm_needs`` hook; the defaults
-        when no active plugin answers). Asked once per config (kept in ``state``)."""
+        when no active plugin answers, or the context has no plugin manager). Asked once per
+        config (kept in ``state``)."""
+        if self.plugins is None:
+            return AlgorithmNeeds()
         cached = self.state.get(NEEDS_KEY)
         if cached is not None and cached[0] is self.cfg and cached[1] is self.plugins:
             return cached[2]

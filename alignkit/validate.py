@@ -128,6 +128,7 @@ RANGES: dict[str, Range] = {
     "rl.keep_checkpoints": NON_NEGATIVE,
     "rl.log_every": AT_LEAST_1,
     "rl.samples_every": NON_NEGATIVE,
+    "rl.probe_every": NON_NEGATIVE,
     "rl.samples_to_log": NON_NEGATIVE,
     "rl.optim.lr": POSITIVE,
     "rl.optim.weight_decay": NON_NEGATIVE,
@@ -282,9 +283,10 @@ def check_rl_settings(cfg: Any) -> None:
 def check_algorithm_components(
     cfg: Any, registry: Any, needs: AlgorithmNeeds, advantage_hooks: list[str]
 ) -> None:
-    """Raise :class:`ConfigError` when ``algorithm.policy_loss`` or
-    ``algorithm.advantage_estimator`` names nothing registered, or when nothing would set the
-    advantages the algorithm declared (no ``advantage`` hook of its own and no estimator).
+    """Raise :class:`ConfigError` when ``algorithm.policy_loss``,
+    ``algorithm.preference_loss`` or ``algorithm.advantage_estimator`` names nothing
+    registered, or when nothing would set the advantages the algorithm declared (no
+    ``advantage`` hook of its own and no estimator).
 
     ``advantage_hooks``: the active plugins implementing ``advantage``, in call order.
     """
@@ -292,7 +294,11 @@ def check_algorithm_components(
     stage = _get(config, "stage")
     if stage is not None and str(stage) in RL_FREE_STAGES:
         return
-    for key, kind in (("policy_loss", "policy_loss"), ("advantage_estimator", "advantage")):
+    for key, kind in (
+        ("policy_loss", "policy_loss"),
+        ("preference_loss", "preference_loss"),
+        ("advantage_estimator", "advantage"),
+    ):
         name = _get(config, f"algorithm.{key}")
         if name is not None and str(name) not in registry.names(kind):
             known = ", ".join(registry.names(kind)) or "none"

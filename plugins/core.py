@@ -84,19 +84,3 @@ def save_checkpoint(ctx: RunContext, directory: Path) -> None:
 def load_checkpoint(ctx: RunContext, directory: Path) -> None:
     if ctx.needs.critic:
         load_critic(ctx, directory)
-
-
-@hookimpl
-def step_end(ctx: RunContext, step: int, batch: Rollout, metrics: dict[str, float]) -> None:
-    """Log the gold oracle's score of every step's samples next to the training reward.
-
-    The gold score is never part of the reward unless ``reward=gold`` is active; logged beside
-    a learned reward (``reward/<name>``) it makes over-optimisation visible: the learned
-    reward keeps rising while ``gold/score`` stalls or falls.
-    """
-    gold = getattr(ctx.task, "gold_score", None)
-    # Only the policy's own samples say anything about the policy (an offline batch is data).
-    if gold is None or not batch.records or not ctx.needs.sampling:
-        return
-    scores = [gold(r, s) for r, s in zip(batch.records, batch.responses, strict=True)]
-    metrics["gold/score"] = sum(scores) / len(scores)

@@ -160,3 +160,24 @@ def test_each_algorithm_runs_from_the_command_line(
     for row in rows:
         assert keys | {"loss/policy", "gold/score", "policy/grad_norm"} <= set(row)
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
+
+
+# ------------------------------------------------------------ the first-party seven, as plugins
+
+SEVEN = ("gspo", "dapo", "cispo", "remax", "dr_grpo", "dpo", "online_dpo")
+
+
+@pytest.mark.parametrize("name", SEVEN)
+def test_each_first_party_algorithm_is_small_and_imports_only_the_public_api(name: str) -> None:
+    from .test_external_plugins import assert_public_imports_only, lines_of_code
+
+    source = (Path(__file__).parents[1] / "plugins" / f"{name}.py").read_text()
+    assert lines_of_code(source) <= 80, f"plugins/{name}.py: {lines_of_code(source)} lines of code"
+    assert_public_imports_only(source, name)
+
+
+def test_alignkit_plugins_lists_all_seven() -> None:
+    proc = run_cli(["plugins"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = {line.split("│")[1].strip() for line in proc.stdout.splitlines() if "│" in line}
+    assert set(SEVEN) <= listed, set(SEVEN) - listed

@@ -82,6 +82,10 @@ def _algorithms() -> list[str]:
     return sorted(name.removesuffix(".yaml") for name in names)
 
 
+OFFLINE = {"dpo"}
+"""Algorithms that train on stored preference pairs (the pipeline's feedback here), unscored."""
+
+
 def _rl_cases() -> list[tuple[str, list[str]]]:
     """``(case id, overrides)`` per algorithm; one with a ``value_model`` choice gets a case
     per critic (``{rm}`` is the architecture's reward model, the InstructGPT initialisation
@@ -95,6 +99,8 @@ def _rl_cases() -> list[tuple[str, list[str]]]:
             cases.append((f"{name}-shared", [f"algorithm={name}", "algorithm.value_model=shared"]))
             separate = ["algorithm.value_model=separate", "algorithm.value_model_path={rm}"]
             cases.append((f"{name}-separate", [f"algorithm={name}", *separate]))
+        elif name in OFFLINE:
+            cases.append((name, [f"algorithm={name}", "algorithm.data={feedback}"]))
         else:
             cases.append((name, [f"algorithm={name}"]))
     return cases
@@ -326,7 +332,7 @@ def test_rl_algorithm(
         "model=hf",
         f"model.path={sft}",
         f"reward.bradley_terry.path={rm}",
-        *[o.format(rm=rm) for o in overrides],
+        *[o.format(rm=rm, feedback=source / "feedback") for o in overrides],
         *RL_BUDGET,
     ]
     summary = runner(args, tmp_path)
@@ -337,8 +343,11 @@ def test_rl_algorithm(
         assert any(k.startswith("loss/") for k in record), sorted(record)
         for key in ALGORITHM_LOSSES.get(algo, ("loss/policy",)):
             assert key in record, (key, sorted(record))
-        assert math.isfinite(record["reward/bradley_terry"])
-    assert summary["rl_final/response/length"] > 0
+        if algo in OFFLINE:  # scored by nothing; its pairs' implicit rewards instead
+            assert math.isfinite(record["pref/accuracy"]) and "reward/total" not in record
+        else:
+            assert math.isfinite(record["reward/bradley_terry"])
+    assert summary["rl_final/response/length"] > 0  # offline: the last step's probe
     policy = load_policy(tmp_path / "rl" / "policy", arch)
     assert changed(policy, load_policy(sft, arch))
     if any(o.startswith("algorithm.value_model=") for o in overrides):

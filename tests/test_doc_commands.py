@@ -164,10 +164,13 @@ ALLOWED: dict[str, str] = {
     "alignkit export <run>/reward_model <out>": "placeholders <run> and <out>; "
     "tests/test_hf_native.py runs export on reward models and critics",
     "alignkit stage=rl 'reward=[critique]' ...": "`...` stands for the run's other overrides",
-    "alignkit -m experiment=compare_algorithms hydra.sweep.dir=multirun/algos": "15 pipelines "
-    "(5 algorithms x 3 seeds); its 2 x 2 version in docs/sweeps.md runs (slow), "
+    "alignkit -m experiment=compare_algorithms": "36 pipelines (12 algorithms x 3 seeds), "
+    "~10 min at the smoke budget; its 2 x 2 version below runs (slow), tests/test_sweeps.py "
+    "checks the grid",
+    "alignkit -m experiment=compare_algorithms hydra.sweep.dir=multirun/algos": "36 pipelines "
+    "(12 algorithms x 3 seeds); its 2 x 2 version in docs/sweeps.md runs (slow), "
     "tests/test_sweeps.py checks the grid",
-    "alignkit compare multirun/algos": "compares the 15 pipelines of the sweep above; "
+    "alignkit compare multirun/algos": "compares the 36 pipelines of the sweep above; "
     "docs/sweeps.md runs compare on a 2 x 2 sweep (slow)",
     "alignkit task=data model=hf model.path=Qwen/Qwen2.5-0.5B-Instruct task.sft_data=sft.jsonl "
     "task.preference_data=prefs.parquet task.prompt_data=prompts.jsonl "
@@ -236,6 +239,13 @@ SLOW: dict[str, str] = {
     "alignkit algorithm=grpo": "the smoke pipeline with feedback and a reward model, ~20 s",
     "alignkit stage=sft model=nano": "SFT at the smoke budget, ~15-30 s",
     "alignkit 'reward=[gold]'": "the smoke pipeline, ~20 s",
+    "alignkit algorithm=dpo": "the smoke pipeline with feedback and DPO, ~15-20 s",
+    # docs/algorithms.md
+    "alignkit -m experiment=compare_algorithms algorithm=gspo,dpo seed=0 "
+    "hydra.sweep.dir=multirun/new_algos": "2 smoke pipelines, ~20-40 s",
+    "alignkit stage=sft run_dir=runs/base": "feeds the stage-by-stage comparison below it",
+    # docs/data.md
+    "alignkit algorithm=dpo run_dir=runs/dpo": "the smoke pipeline with DPO; feeds the IPO run",
     "torchrun --standalone --nproc_per_node=2 -m alignkit.cli backend=fsdp": (
         "the smoke pipeline on 2 FSDP ranks"
     ),

@@ -230,7 +230,10 @@ def _sweep_params(cfg: Any) -> dict[str, list[str]]:
 def test_compare_algorithms_experiment_sweeps_every_algorithm(compose: Any) -> None:
     params = _sweep_params(compose(["experiment=compare_algorithms"]))
     assert params == {
-        "algorithm": ["reinforce", "ppo", "grpo", "rloo", "reinforce_pp"],
+        "algorithm": [
+            *("reinforce", "ppo", "grpo", "rloo", "reinforce_pp", "gspo", "dapo", "cispo"),
+            *("remax", "dr_grpo", "dpo", "online_dpo"),
+        ],
         "seed": ["0", "1", "2"],
     }
     for algo in params["algorithm"]:

@@ -15,6 +15,7 @@ from alignkit.data.formats import (
     parse_unpaired,
 )
 from alignkit.data.jsonl import read_jsonl, read_prompt_records, read_sft_pairs
+from alignkit.data.pairs import preference_pairs
 from alignkit.data.sources import (
     load_examples,
     load_preferences,
@@ -41,6 +42,7 @@ __all__ = [
     "parse_prompt",
     "parse_unpaired",
     "plain_prompt",
+    "preference_pairs",
     "read_jsonl",
     "read_prompt_records",
     "read_records",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from alignkit.batch import Rollout
@@ -92,6 +92,21 @@ class PromptSampler:
             out.append(self.records[self._order[self.index]])
             self.index += 1
         return out
+
+    def keep(self, predicate: Callable[[Any], bool], why: str = "") -> int:
+        """Draw only the records ``predicate`` accepts from now on; returns how many remain.
+
+        Called in ``run_start`` (after a resume restored the position, before any draw), so
+        the position refers to the same kept records in a resumed run as in the first one.
+        ``why`` explains, in the error, a predicate that accepts nothing.
+        """
+        kept = [r for r in self.records if predicate(r)]
+        if not kept:
+            raise ConfigError(f"no training prompt is left to draw from: {why or 'keep()'}")
+        self.records = kept
+        self.index = min(self.index, len(kept))
+        self._order = self._shuffle()
+        return len(kept)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -273,21 +288,53 @@ class Engine:
         check_advantage_phase(batch, self.needs, pm.implementers("advantage")[0])
         timings["time/advantage"] = time.perf_counter() - t
 
+        samples = batch if self.needs.sampling else self.probe(step, records)
+
         t = time.perf_counter()
         skipped_before = skipped_steps()
         update_metrics = pm.call("update", ctx=ctx, batch=batch) or {}
         timings["time/update"] = time.perf_counter() - t
         update_metrics.update(self.note_skips(step, skipped_steps() - skipped_before))
 
-        kl_coef = float(self.cfg.kl_coef)
-        # An offline batch is data: its statistics would not describe the policy.
-        sampled = batch_metrics(batch, kl_coef) if self.needs.sampling else {}
+        # An offline batch is data: its statistics would not describe the policy, so they
+        # come from the policy's own samples (the probe's, on the steps it runs).
+        kl_coef = float(self.cfg.kl_coef) if self.needs.sampling else 0.0
+        sampled = self.sample_metrics(samples, kl_coef) if samples is not None else {}
         metrics = {**sampled, **update_metrics, **timings, **parts}
         metrics["time/step"] = sum(timings.values())
         pm.call("step_end", ctx=ctx, step=step, batch=batch, metrics=metrics)
         every = int(self.cfg.samples_every)
-        if every > 0 and step % every == 0 and batch.prompts and self.needs.sampling:
-            self.log_samples(step, batch)
+        if every > 0 and step % every == 0 and samples is not None and samples.prompts:
+            self.log_samples(step, samples)
+        return metrics
+
+    def probe(self, step: int, records: Sequence[Any]) -> Rollout | None:
+        """For an algorithm that samples nothing (offline DPO): every ``rl.probe_every`` steps
+        and at the last, one response of the policy to each of the step's prompts, so the
+        logged ``gold/score``, response statistics, ``kl/ref`` and sample tables describe
+        the policy rather than the data set. None on other steps."""
+        every, last = int(self.cfg.get("probe_every", 0)), int(self.cfg.steps) - 1
+        if every <= 0 or (step % every and step != last):
+            return None
+        t = time.perf_counter()
+        samples = self.ctx.sample(self.ctx.backend.shard(records), samples_per_prompt=1)
+        if self.ctx.backend.distributed:
+            samples = gather_rollout(self.ctx, samples)
+        samples.timings["time/probe"] = time.perf_counter() - t
+        return samples
+
+    def sample_metrics(self, samples: Rollout, kl_coef: float) -> dict[str, float]:
+        """:func:`batch_metrics` of the policy's samples, with the gold oracle's mean score
+        (``gold/score``) when the task has one: logged beside a learned reward, it makes
+        over-optimisation visible (the reward rises while ``gold/score`` stalls or falls).
+        The gold score is never part of the reward unless ``reward=gold`` is active."""
+        metrics = batch_metrics(samples, kl_coef)
+        gold = getattr(self.ctx.task, "gold_score", None)
+        if gold is not None and samples.records:
+            scores = [gold(r, y) for r, y in zip(samples.records, samples.responses, strict=True)]
+            metrics["gold/score"] = sum(scores) / len(scores)
+        if not self.needs.sampling:
+            metrics.update(samples.timings)
         return metrics
 
     def note_skips(self, step: int, skipped: int) -> dict[str, float]:

@@ -743,7 +743,10 @@ class LearnedRewardPlugin:
 
     @hookimpl
     def run_start(self, ctx: RunContext) -> None:
-        scorer_for(ctx, self.name)
+        # Loaded up front (a missing model fails before step 0) when the engine scores; an
+        # unscored algorithm (offline DPO) loads it only if it calls ctx.score itself.
+        if ctx.needs.reward:
+            scorer_for(ctx, self.name)
 
     @hookimpl
     def reward(self, ctx: RunContext, batch: Rollout) -> dict[str, torch.Tensor]:

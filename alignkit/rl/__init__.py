@@ -7,6 +7,8 @@
 * :mod:`alignkit.rl.losses` - the policy-loss registry;
 * :mod:`alignkit.rl.update` - the minibatch update loop (epochs x minibatches x gradient
   accumulation, data parallel), the policy's log-probs and the policy-gradient loss;
+* :mod:`alignkit.rl.preference` - the preference-loss registry and the pairwise update of
+  the DPO family;
 * :mod:`alignkit.rl.kl_control` - fixed and adaptive KL coefficients.
 
 ``docs/plugin-api.md`` documents the names exported here.
@@ -26,6 +28,15 @@ if TYPE_CHECKING:
         token_rewards,
     )
     from alignkit.rl.losses import BUILTIN_POLICY_LOSSES, PolicyLossFn, ppo_clip
+    from alignkit.rl.preference import (
+        PreferenceConfig,
+        PreferenceLoss,
+        best_worst_rows,
+        pair_batch,
+        pair_scores,
+        preference_update,
+        resolve_preference_loss,
+    )
     from alignkit.rl.update import (
         Counts,
         OptimTarget,
@@ -50,6 +61,15 @@ _EXPORTS = {
         "token_rewards",
     ),
     "losses": ("BUILTIN_POLICY_LOSSES", "PolicyLossFn", "ppo_clip"),
+    "preference": (
+        "PreferenceConfig",
+        "PreferenceLoss",
+        "best_worst_rows",
+        "pair_batch",
+        "pair_scores",
+        "preference_update",
+        "resolve_preference_loss",
+    ),
     "update": (
         "Counts",
         "OptimTarget",
@@ -75,16 +95,23 @@ __all__ = [
     "PolicyGradientConfig",
     "PolicyLossFn",
     "PolicyLossSpec",
+    "PreferenceConfig",
+    "PreferenceLoss",
+    "best_worst_rows",
     "estimate_advantages",
     "gather_rows",
     "kl_coef_in_reward",
+    "pair_batch",
+    "pair_scores",
     "policy_gradient_update",
     "policy_logprobs",
     "policy_loss",
     "policy_target",
     "ppo_clip",
+    "preference_update",
     "rank_rows",
     "register_builtins",
+    "resolve_preference_loss",
     "run_update",
     "sequence_rewards",
     "step_metrics",

@@ -6,8 +6,9 @@
    reward model trained on it -> ``<run_dir>/reward_model``, handed to the RL run as its
    :class:`~alignkit.needs.Artifacts` (never written into the config), which scores the RL rollouts
    (with ``task=data`` and ``task.preference_data`` the reward model trains on that data
-   directly, with no feedback stage);
-3. online RL from the SFT policy -> ``<run_dir>/rl/policy``;
+   directly, with no feedback stage). An algorithm that is not scored (offline DPO) gets
+   the feedback itself, and no reward model is trained unless the evaluation needs one;
+3. RL from the SFT policy -> ``<run_dir>/rl/policy``;
 4. evaluation of the RL policy against the SFT policy on held-out prompts: gold oracle,
    reward model and LLM judge, whichever are available (``docs/evaluation.md``).
 
@@ -63,6 +64,28 @@ def train_reward_model(ctx: RunContext, policy: Path) -> tuple[dict[str, float],
     return summary, artifacts
 
 
+def needs_reward_model(ctx: RunContext) -> bool:
+    """Whether the pipeline trains a reward model: the RL algorithm is scored
+    (``AlgorithmNeeds.reward``), or the evaluation has no other judge (no gold oracle, no
+    judge, no ``eval.reward_model``). An offline algorithm (DPO) otherwise trains on the
+    feedback itself."""
+    if ctx.needs.reward:
+        return True
+    judged = str(ctx.cfg.eval.judge.backend) != "none" or bool(ctx.cfg.eval.reward_model)
+    return not (hasattr(ctx.task, "gold_score") or judged)
+
+
+def collect_feedback(ctx: RunContext, policy: Path) -> tuple[dict[str, float], Path | None]:
+    """The feedback stage alone, on ``policy``'s samples: its summary and folder (none when
+    the task has its own preference data: an offline algorithm reads that instead)."""
+    from alignkit.stages.feedback import run_feedback
+    from alignkit.stages.reward_model import task_preferences
+
+    if task_preferences(ctx):
+        return {}, None
+    return dict(run_feedback(ctx, policy_path=policy)), ctx.run_dir / "feedback"
+
+
 def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
     """Fail before training when the final evaluation would have nothing to judge by: no gold
     oracle, no reward model (trained here, given, or ``eval.reward_model``) and no judge."""
@@ -92,9 +115,13 @@ def _run_stages(ctx: RunContext) -> dict[str, Any]:
     summary.update(run_sft(ctx))
     sft_dir = ctx.run_dir / "sft"
     artifacts = Artifacts(sft_policy=sft_dir)
-    if learned_rewards(ctx):
+    if learned_rewards(ctx) and needs_reward_model(ctx):
         rm_summary, artifacts = train_reward_model(ctx, sft_dir)
         summary.update(rm_summary)
+    elif learned_rewards(ctx):
+        fb_summary, feedback = collect_feedback(ctx, sft_dir)
+        summary.update(fb_summary)
+        artifacts = Artifacts(sft_dir, feedback=feedback)
     rl_summary, rl_ctx = run_rl(ctx, sft_dir, artifacts=artifacts)
     summary.update(rl_summary)
     sft_policy, _ = load_model(ctx, sft_dir)
