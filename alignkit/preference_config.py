@@ -11,6 +11,24 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class QueueConfig:
+    """``feedback.queue``: how ``feedback.annotator=app`` hands the samples to people
+    (docs/labelling.md)."""
+
+    labels_per_item: int = 2
+    """Answers (labels or flags) each item needs, from different annotators."""
+    serve: bool = True
+    """Serve the labelling app from the stage while it waits (false: run ``alignkit label``)."""
+    host: str = "127.0.0.1"
+    port: int = 8765
+    wait_seconds: float | None = None
+    """How long the stage waits for the labels (null: until they are all given); when it
+    runs out the stage stops, and running it again goes on waiting."""
+    poll_seconds: float = 5.0
+    """How often the stage looks at the queue's progress."""
+
+
+@dataclass
 class FeedbackConfig:
     """``stage=feedback``: sample K responses per prompt and have an annotator label them.
 
@@ -32,7 +50,9 @@ class FeedbackConfig:
     format: str = "rankings"
     """pairwise (every pair of the K responses compared) | rankings (K-wise) | ratings."""
     annotator: str = "simulated_human"
-    """The ``annotator`` component that labels responses (a plugin may register its own)."""
+    """The ``annotator`` component that labels responses: simulated_human, app (people, in
+    the labelling app: ``feedback.queue``), rlaif, or a plugin's."""
+    queue: QueueConfig = field(default_factory=QueueConfig)
     noise: float = 0.0
     """Annotator noise: flip probability (pairwise), Gumbel scale (rankings), rating std."""
     annotator_temperature: float = 0.0

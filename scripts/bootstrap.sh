@@ -37,3 +37,15 @@ fi
 target="."
 [ "$extra" = "dev" ] && target=".[dev]"
 "${pip[@]}" install -e "$target"
+
+# The labelling app's browser tests drive the system Chromium (Debian's package; no browser
+# is ever downloaded by the tests). Installed here where this user can (root with apt-get);
+# elsewhere they are skipped with the install command as the reason, and CI fails without it.
+if [ "$extra" = "dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing chromium for the labelling app's browser tests"
+    apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "bootstrap: no chromium: the browser tests will be skipped (apt-get install chromium)"
+  fi
+fi

@@ -53,7 +53,7 @@ from tests.conftest import REPO, cli_env
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELLS = {"bash", "sh", "shell"}
-SUBCOMMANDS = {"plugins", "compare", "export"}
+SUBCOMMANDS = {"plugins", "compare", "export", "label"}
 
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)\s*$")
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -161,6 +161,8 @@ ALLOWED: dict[str, str] = {
     "alignkit stage=rl ... rl.resume=true": "`...` stands for the interrupted run's overrides",
     "alignkit export <run>/rl/checkpoints <out>": "placeholders <run> and <out>; "
     "tests/test_hf_native.py::test_export_policy_and_critic_of_an_rl_checkpoint runs export",
+    "alignkit label <queue> --add-annotator ana": "placeholder <queue>; "
+    "tests/test_label_app.py runs --add-annotator on a queue",
     "alignkit export <run>/reward_model <out>": "placeholders <run> and <out>; "
     "tests/test_hf_native.py runs export on reward models and critics",
     "alignkit stage=rl 'reward=[critique]' ...": "`...` stands for the run's other overrides",

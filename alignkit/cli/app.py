@@ -283,6 +283,7 @@ usage: alignkit [KEY=VALUE ...]        run a stage (default: the whole pipeline)
        alignkit plugins                list installed plugins and their hooks
        alignkit compare SWEEP_DIR ...  compare runs: table and plots with 95% CIs
        alignkit export SRC OUT         checkpoint / reward model -> plain HF folder
+       alignkit label QUEUE_DIR ...    the labelling app for people (docs/labelling.md)
 
 stages (stage=...): {stages}
   pipeline = sft -> feedback -> reward_model -> rl -> eval
@@ -370,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from alignkit.cli.export import main as export_main
 
         return export_main(args[1:])
+    if args[:1] == ["label"]:
+        from alignkit.label.cli import main as label_main
+
+        return label_main(args[1:])
     if "--version" in args or "-V" in args:
         print(f"alignkit {version()}")
         return 0

@@ -640,6 +640,17 @@ class Annotator(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchAnnotator(Protocol):
+    """A labelling source that takes the whole set at once (people in the labelling app,
+    ``feedback.annotator=app``): the feedback stage hands it every prompt's responses."""
+
+    def label_batch(self, fmt: str, items: Sequence[Mapping[str, Any]]) -> list[FeedbackRecord]:
+        """Records in format ``fmt`` for ``items`` (``id``, ``prompt``, ``prompt_id``,
+        ``responses``: at least two distinct ones)."""
+        ...
+
+
 def label(
     annotator: Annotator,
     fmt: str,

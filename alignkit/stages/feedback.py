@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from alignkit.context import RunContext
-from alignkit.data.feedback import FORMATS, Annotator, check_feedback, label, write_feedback_jsonl
+from alignkit.data.feedback import (
+    FORMATS,
+    Annotator,
+    BatchAnnotator,
+    check_feedback,
+    label,
+    write_feedback_jsonl,
+)
 from alignkit.data.prompts import prompt_format
 from alignkit.errors import ConfigError
 from alignkit.evaluation import sample_policy
@@ -87,9 +94,12 @@ def split_records(
     return records
 
 
-def build_annotator(ctx: RunContext) -> Annotator:
-    """The ``annotator`` component named by ``feedback.annotator``, built with ``ctx``."""
+def build_annotator(ctx: RunContext) -> Annotator | BatchAnnotator:
+    """The ``annotator`` component named by ``feedback.annotator``, built with ``ctx``: an
+    :class:`Annotator` (one prompt at a time) or a :class:`BatchAnnotator` (the whole set)."""
     annotator = ctx.registry.build("annotator", str(ctx.cfg.feedback.annotator), ctx=ctx)
+    if callable(getattr(annotator, "label_batch", None)):
+        return annotator
     missing = [m for m in ("compare", "rank", "rate") if not callable(getattr(annotator, m, None))]
     if missing:
         raise ConfigError(
@@ -147,15 +157,24 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     )
     responses = sample_responses(ctx, policy, tokenizer, records)
 
-    feedback, skipped, golds = [], 0, []
+    feedback, skipped, golds, batch = [], 0, [], []
     for record, group in zip(records, responses, strict=True):
         if fmt != "ratings" and len(group) < 2:
             skipped += 1  # nothing to compare
             continue
         prompt = ctx.task.format_prompt(record)
-        feedback += label(annotator, fmt, record, prompt, group, getattr(record, "id", None))
+        prompt_id = getattr(record, "id", None)
+        if hasattr(annotator, "label_batch"):
+            item_id = str(prompt_id if prompt_id is not None else len(batch))
+            batch.append(
+                {"id": item_id, "prompt": prompt, "prompt_id": prompt_id, "responses": group}
+            )
+        else:
+            feedback += label(annotator, fmt, record, prompt, group, prompt_id)
         if hasattr(ctx.task, "gold_score"):
             golds += [float(ctx.task.gold_score(record, r)) for r in group]
+    if isinstance(annotator, BatchAnnotator) and batch:  # people label the whole set at once
+        feedback += annotator.label_batch(fmt, batch)
     out = ctx.stage_dir("feedback") / f"{fmt}.jsonl"
     for line, rec in enumerate(feedback, start=1):
         rec.source = f"{out}:{line}"  # so the report points into the written file
