@@ -206,6 +206,13 @@ class RLConfig:
     samples_every: int = 20
     """Log a table of sample generations every N steps (0: never)."""
     samples_to_log: int = 8
+    select_every: int = 0
+    """Keep the policy every N steps and choose the final one by the feedback annotator's
+    comparisons with the start policy (``alignkit.stages.select``; 0: the last policy). The
+    kept policies live in memory: not under a sharded backend, and a resumed run chooses
+    among the start and the policies kept since it resumed."""
+    select_prompts: int = 64
+    """Prompts (training split, one sample each) per kept policy's comparison."""
     probe_every: int = 5
     """Offline algorithms (DPO: nothing sampled): every N steps and at the last, sample one
     response per prompt of the step so the logged ``gold/score``, response statistics and

@@ -47,6 +47,10 @@ class FeedbackConfig:
     held-out agreement went 0.72 -> 0.81 from 16 to 32 (docs/feedback.md)."""
     num_prompts: int | None = None
     """Prompts to label (a seeded random subset of the split); null: the whole split."""
+    max_labels: int | None = None
+    """The label budget: labelling stops before it would be exceeded (prompts in a seeded
+    order). A label is one comparison (a ranking of K responses counts ``K (K - 1) / 2``, the
+    pairs it implies) or one rating; null: no limit."""
     format: str = "rankings"
     """pairwise (every pair of the K responses compared) | rankings (K-wise) | ratings."""
     annotator: str = "simulated_human"

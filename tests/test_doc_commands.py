@@ -248,6 +248,10 @@ SLOW: dict[str, str] = {
     "alignkit stage=sft run_dir=runs/base": "feeds the stage-by-stage comparison below it",
     # docs/data.md
     "alignkit algorithm=dpo run_dir=runs/dpo": "the smoke pipeline with DPO; feeds the IPO run",
+    # docs/feedback.md
+    "alignkit experiment=realistic_human run_dir=runs/people_like": (
+        "the pipeline with the realistic annotator at the smoke budget, ~30 s"
+    ),
     "torchrun --standalone --nproc_per_node=2 -m alignkit.cli backend=fsdp": (
         "the smoke pipeline on 2 FSDP ranks"
     ),

@@ -5,6 +5,7 @@ the policy's."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -72,6 +73,25 @@ def test_bradley_terry_centering_by_hand() -> None:
     # plain + eta * mean((r_c + r_r)^2) = 0.6436693 + 0.1 * (1^2 + 0.5^2) / 2
     loss = bradley_terry_loss(CHOSEN, REJECTED, center_coef=0.1)
     assert loss.item() == pytest.approx(0.7061693, abs=1e-6)
+
+
+def test_bradley_terry_label_smoothing_by_hand() -> None:
+    # gaps 1 and -0.5; e = 0.2: 0.8 * (sp(1) + sp(-0.5)) / 2 + 0.2 * (sp(-1) + sp(0.5)) / 2
+    # sp(-1) = 1.3132617: 0.8 * 0.6436693 + 0.2 * (1.3132617 + 0.4740770) / 2 = 0.6936693
+    loss = bradley_terry_loss(CHOSEN, REJECTED, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(0.6936693, abs=1e-6)
+    # the smoothed loss has a finite minimiser: its gradient vanishes at g = log((1-e)/e)
+    gap = torch.tensor([math.log(0.8 / 0.2)], requires_grad=True)
+    bradley_terry_loss(gap, torch.zeros(1), label_smoothing=0.2).backward()
+    assert gap.grad is not None and gap.grad.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 0.5])
+def test_bradley_terry_label_smoothing_out_of_range_names_the_key(smoothing: float) -> None:
+    from alignkit_plugins.bradley_terry import BradleyTerryConfig, make_loss
+
+    with pytest.raises(ConfigError, match=r"reward\.bradley_terry\.label_smoothing"):
+        make_loss(BradleyTerryConfig(label_smoothing=smoothing))
 
 
 def test_bradley_terry_component_reads_pairs_and_scaled_margins() -> None:

@@ -173,8 +173,11 @@ class Engine:
         ctx: RunContext,
         prompts: Sequence[Any],
         fingerprint: dict[str, Any] | None = None,
+        on_step: Callable[[int, bool], None] | None = None,
     ) -> None:
         self.ctx = ctx
+        self.on_step = on_step
+        """Called after each step with the steps done and whether it was the last."""
         self.cfg = ctx.cfg.rl
         world = ctx.backend.world_size
         if int(self.cfg.prompts_per_step) % world:
@@ -390,6 +393,8 @@ class Engine:
                 done = step + 1
                 if (every > 0 and done % every == 0) or done == total:
                     save_checkpoint(ctx, done, self.checkpoint_extra(metrics))
+                if self.on_step is not None:
+                    self.on_step(done, done == total)
                 info = f"reward {metrics.get('reward/total', float('nan')):.3f}"
                 progress.update(task, advance=1, info=info)
         return metrics

@@ -142,6 +142,30 @@ def sample_responses(
     return [list(dict.fromkeys(out[i * k : (i + 1) * k])) for i in range(len(records))]
 
 
+def label_cost(fmt: str, k: int) -> int:
+    """Labels a prompt with ``k`` distinct responses costs in ``fmt``: each comparison a
+    ranking or the pairwise format implies (``k (k - 1) / 2``), or one rating per response."""
+    return k if fmt == "ratings" else k * (k - 1) // 2
+
+
+def budgeted(
+    fmt: str, records: Sequence[Any], responses: Sequence[list[str]], budget: int | None
+) -> list[tuple[Any, list[str]]]:
+    """The (record, responses) pairs to label, in order: prompts with something to compare
+    (two or more distinct responses, one for ratings), until ``feedback.max_labels`` (None:
+    no limit) would be exceeded."""
+    out, spent = [], 0
+    for record, group in zip(records, responses, strict=True):
+        if fmt != "ratings" and len(group) < 2:
+            continue  # nothing to compare
+        cost = label_cost(fmt, len(group))
+        if budget is not None and spent + cost > int(budget):
+            break
+        out.append((record, group))
+        spent += cost
+    return out
+
+
 def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict[str, float]:
     """Sample, label and write ``<run_dir>/feedback/<format>.jsonl``; return the summary."""
     fcfg = ctx.cfg.feedback
@@ -157,24 +181,26 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     )
     responses = sample_responses(ctx, policy, tokenizer, records)
 
-    feedback, skipped, golds, batch = [], 0, [], []
-    for record, group in zip(records, responses, strict=True):
-        if fmt != "ratings" and len(group) < 2:
-            skipped += 1  # nothing to compare
-            continue
+    if fcfg.get("max_labels") is not None:
+        # A budget stops partway: spend it on prompts in a seeded order, kinds in proportion.
+        order = random.Random(int(fcfg.seed)).sample(range(len(records)), len(records))
+        records, responses = [records[i] for i in order], [responses[i] for i in order]
+    labelled = budgeted(fmt, records, responses, fcfg.get("max_labels"))
+    feedback, golds, batch = [], [], []
+    for record, group in labelled:
         prompt = ctx.task.format_prompt(record)
         prompt_id = getattr(record, "id", None)
-        if hasattr(annotator, "label_batch"):
+        if isinstance(annotator, BatchAnnotator):
             item_id = str(prompt_id if prompt_id is not None else len(batch))
-            batch.append(
-                {"id": item_id, "prompt": prompt, "prompt_id": prompt_id, "responses": group}
-            )
+            item = {"id": item_id, "prompt": prompt, "prompt_id": prompt_id, "responses": group}
+            batch.append(item)
         else:
             feedback += label(annotator, fmt, record, prompt, group, prompt_id)
         if hasattr(ctx.task, "gold_score"):
             golds += [float(ctx.task.gold_score(record, r)) for r in group]
     if isinstance(annotator, BatchAnnotator) and batch:  # people label the whole set at once
         feedback += annotator.label_batch(fmt, batch)
+    skipped = sum(1 for g in responses if fmt != "ratings" and len(g) < 2)
     out = ctx.stage_dir("feedback") / f"{fmt}.jsonl"
     for line, rec in enumerate(feedback, start=1):
         rec.source = f"{out}:{line}"  # so the report points into the written file
@@ -185,7 +211,8 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     console.print(f"feedback written to {out}")
     summary = {
         **report.metrics(),
-        "feedback_prompts": float(len(records) - skipped),
+        "feedback_labels": float(sum(label_cost(fmt, len(g)) for _, g in labelled)),
+        "feedback_prompts": float(len(labelled)),
         "feedback_responses": float(sum(len(g) for g in responses)),
         "feedback_skipped_prompts": float(skipped),
     }

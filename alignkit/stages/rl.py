@@ -28,6 +28,7 @@ from alignkit.models.lora import AdapterDisabledReference, apply_lora, is_lora_m
 from alignkit.needs import Artifacts
 from alignkit.rl.optim import adamw
 from alignkit.stages.common import linear_warmup_decay, load_model, train_prompts
+from alignkit.stages.select import Snapshots, select_policy
 from alignkit.stages.sft import save_policy
 from alignkit.tracking import console
 
@@ -178,6 +179,21 @@ def _has_policy(out: Path) -> bool:
     return (out / "config.json").is_file()
 
 
+def start_snapshots(rl_ctx: RunContext) -> Snapshots | None:
+    """``rl.select_every > 0``: the start policy kept, for :func:`select_policy` (None
+    otherwise)."""
+    every = int(rl_ctx.cfg.rl.get("select_every", 0))
+    if every <= 0:
+        return None
+    if rl_ctx.backend.sharded:
+        raise ConfigError(
+            "rl.select_every keeps whole copies of the policy: not under a sharded backend"
+        )
+    snapshots = Snapshots(every)
+    snapshots.take(0, rl_ctx.policy)  # the start (a resumed run restores its checkpoint later)
+    return snapshots
+
+
 def save_final_policy(rl_ctx: RunContext, step: int) -> Path:
     """``<run_dir>/rl/policy`` from the trained policy: finite, atomic, errors named."""
     policy = rl_ctx.policy
@@ -225,7 +241,14 @@ def run_rl(
     with run_guard(ctx):
         rl_ctx = setup_rl(ctx, path, artifacts)
         fingerprint = effective_fingerprint(rl_ctx, path, ctx.run_dir)
-        engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint)
+        snapshots = start_snapshots(rl_ctx)
+        on_step = None
+        if snapshots is not None:
+
+            def on_step(done: int, last: bool) -> None:
+                snapshots.after_step(done, rl_ctx.policy, last)
+
+        engine = Engine(rl_ctx, train_prompts(rl_ctx), fingerprint=fingerprint, on_step=on_step)
         try:
             last = engine.run()
         finally:
@@ -233,6 +256,12 @@ def run_rl(
             # with the run, also when it fails.
             close_rollout_engine(rl_ctx)
         ran = engine.start_step < int(ctx.cfg.rl.steps)
+        if ran and snapshots is not None:
+            from alignkit.stages.feedback import build_annotator
+
+            selected = select_policy(rl_ctx, snapshots, build_annotator(rl_ctx))
+            rl_ctx.tracker.log(selected, step=int(ctx.cfg.rl.steps), stage="rl")
+            last = {**last, **selected}
         if ran or not _has_policy(rl_ctx.run_dir / "policy"):
             # Also when nothing ran but the policy folder is missing: a kill during the
             # final save left the final checkpoint, which the engine loaded.
