@@ -35,6 +35,7 @@ from torch import Tensor
 from alignkit.batch import Rollout
 from alignkit.config import AlgorithmConfig
 from alignkit.context import RunContext
+from alignkit.rl.ops import masked_mean, masked_sum
 from alignkit.rl.update import Counts, policy_logprobs, run_update
 
 __all__ = [
@@ -100,8 +101,7 @@ def pair_scores(
     """(b,) reply scores ``s``: (b, R) token log-probs (minus the reference's) summed or
     averaged over the (b, R) ``mask``."""
     diff = logp - ref_logp if loss.reference and ref_logp is not None else logp
-    total = (diff * mask).sum(1)
-    return total / mask.sum(1).clamp(min=1) if loss.length_normalised else total
+    return (masked_mean if loss.length_normalised else masked_sum)(diff, mask, dim=1)
 
 
 def _pair_loss(
