@@ -398,6 +398,27 @@ class RewardConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """``stage=pipeline``: how its stages repeat."""
+
+    sft_policy: str | None = None
+    """An SFT policy folder to start from (your own, or an earlier run's ``sft``): the SFT
+    stage is skipped and every later stage uses this policy where it would use the one SFT
+    trains. null: train it."""
+    select_every: int = 15
+    """The pipeline's RL keeps its policy every N steps and ends on the one the feedback
+    annotator prefers over the start (``rl.select_every``, which wins when set; about 200
+    comparisons more for 75 steps): a safeguard against a reward model that noisy labels
+    taught wrong. Applied when the annotator compares responses (the simulated human, a
+    judge; not people in the labelling app); 0: off."""
+    rounds: int = 1
+    """Rounds of feedback -> reward model -> RL (continuous improvement,
+    :mod:`alignkit.stages.rounds`): each later round labels the last round's policy's samples,
+    extends the last reward model on every label so far, and trains RL on from the last
+    policy (KL still to SFT). ``feedback.max_labels`` and ``rl.steps`` are split evenly."""
+
+
+@dataclass
 class AlignkitConfig:
     stage: str = "pipeline"
     """sft | rl | eval | pipeline (sft -> rl -> eval), or a stage a plugin registers."""
@@ -422,6 +443,7 @@ class AlignkitConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form keys that no schema declares (``extra.note=...``), e.g. for a plugin that
     reads its own settings; anywhere else an undeclared key is refused."""

@@ -65,6 +65,7 @@ PIPELINE_BUDGET = [
     "reward_model.batch_size=4",
     "reward_model.max_length=64",
     "reward_model.normalize_samples=16",
+    "pipeline.select_every=0",  # two RL steps: nothing to choose among
     *RL_BUDGET,
     *EVAL_BUDGET,
 ]
@@ -300,6 +301,9 @@ def test_pipeline(arch: str, pipeline: Once, tiny_model: Once) -> None:
     assert summary["feedback_prompts"] == 8.0 and summary["feedback_records"] >= 1
     assert (run_dir / "feedback" / "rankings.jsonl").is_file()
     assert summary["rm_steps"] == 6.0 and 0.0 <= summary["rm_heldout_accuracy"] <= 1.0
+    # The default reward model: three members' weights averaged into one folder (WARM).
+    assert "rm_member_2_heldout_accuracy" in summary
+    assert not list((run_dir / "reward_model").glob("member_*"))
     assert math.isfinite(summary["rl_final/loss/policy"])
     check_eval(summary)
     for stage in ("sft", "reward_model", "rl"):

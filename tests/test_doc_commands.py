@@ -242,6 +242,8 @@ SLOW: dict[str, str] = {
     "alignkit stage=sft model=nano": "SFT at the smoke budget, ~15-30 s",
     "alignkit 'reward=[gold]'": "the smoke pipeline, ~20 s",
     "alignkit algorithm=dpo": "the smoke pipeline with feedback and DPO, ~15-20 s",
+    "alignkit pipeline.rounds=3": "3 rounds of the smoke pipeline, ~40 s",
+    "alignkit experiment=oracle_feedback": "the smoke pipeline on the oracle's feedback, ~20 s",
     # docs/algorithms.md
     "alignkit -m experiment=compare_algorithms algorithm=gspo,dpo seed=0 "
     "hydra.sweep.dir=multirun/new_algos": "2 smoke pipelines, ~20-40 s",
@@ -249,8 +251,14 @@ SLOW: dict[str, str] = {
     # docs/data.md
     "alignkit algorithm=dpo run_dir=runs/dpo": "the smoke pipeline with DPO; feeds the IPO run",
     # docs/feedback.md
-    "alignkit experiment=realistic_human run_dir=runs/people_like": (
-        "the pipeline with the realistic annotator at the smoke budget, ~30 s"
+    "alignkit run_dir=runs/people_like": "the smoke pipeline, ~20-30 s",
+    "alignkit experiment=oracle_feedback run_dir=runs/oracle": (
+        "the pipeline with the noise-free oracle at the smoke budget, ~20-30 s"
+    ),
+    "alignkit pipeline.rounds=3 run_dir=runs/rounds": "3 rounds at the smoke budget, ~40 s",
+    "alignkit pipeline.rounds=3 'reward=[rm_ensemble]' reward_model.ensemble_size=3 "
+    "feedback.selection=disagreement run_dir=runs/active": (
+        "3 rounds with a 3-member ensemble at the smoke budget, ~1 min"
     ),
     "torchrun --standalone --nproc_per_node=2 -m alignkit.cli backend=fsdp": (
         "the smoke pipeline on 2 FSDP ranks"

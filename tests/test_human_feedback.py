@@ -4,9 +4,11 @@ comparisons instead of the training reward."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +60,7 @@ def test_a_policy_trained_to_be_worse_is_not_kept(sft_run: Path, tmp_path: Path)
         "rl.optim.lr=1e-3",
         "rl.select_every=3",
         "rl.select_prompts=32",
+        "feedback.noise=0",
         f"model.path={sft_run / 'sft'}",
         f"run_dir={tmp_path}",
     ]
@@ -76,10 +79,70 @@ def test_a_policy_trained_to_be_worse_is_not_kept(sft_run: Path, tmp_path: Path)
 def test_the_choice_is_the_highest_win_rate_and_the_start_when_all_lose() -> None:
     assert choose({0: 0.5, 15: 0.61, 30: 0.58}) == 15
     assert choose({0: 0.5, 15: 0.44, 30: 0.31}) == 0
-    assert choose({0: 0.5, 15: 0.5}) == 15  # as good, and trained longer
+    assert choose({0: 0.5, 15: 0.57, 30: 0.5, 60: 0.57}) == 15  # as good, and nearer the start
+    assert choose({0: 0.5, 15: 0.5}) == 0
 
 
 def test_selection_needs_an_annotator_that_compares() -> None:
     ctx = SimpleNamespace(cfg=SimpleNamespace(feedback=SimpleNamespace(annotator="app")))
     with pytest.raises(ConfigError, match="compares two responses"):
         select_policy(ctx, Snapshots(3), object())  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class _PipelineCtx:
+    cfg: Any
+    registry: Any
+
+
+class _Compares:
+    def compare(self, record: object, a: str, b: str) -> int:
+        return 0
+
+    def rank(self, record: object, responses: list[str]) -> list[int]:
+        return list(range(len(responses)))
+
+    def rate(self, record: object, response: str) -> int:
+        return 1
+
+
+class _Batches:
+    def label_batch(self, fmt: str, items: list[object]) -> list[object]:
+        return []
+
+
+def _with_selection(annotator: object, rl_every: int = 0, every: int = 15) -> int:
+    from omegaconf import OmegaConf
+
+    from alignkit.stages.pipeline import with_selection
+
+    cfg = OmegaConf.create(
+        {
+            "pipeline": {"select_every": every},
+            "rl": {"select_every": rl_every},
+            "feedback": {"annotator": "someone"},
+        }
+    )
+    registry = SimpleNamespace(build=lambda kind, name, ctx: annotator)
+    ctx = with_selection(_PipelineCtx(cfg, registry))  # type: ignore[arg-type]
+    return int(ctx.cfg.rl.select_every)
+
+
+def test_the_pipeline_selects_only_with_an_annotator_that_compares() -> None:
+    assert _with_selection(_Compares()) == 15
+    assert _with_selection(_Batches()) == 0  # people in the app give no comparisons
+    # An explicit rl.select_every wins; pipeline.select_every=0 turns it off.
+    assert _with_selection(_Compares(), rl_every=4) == 4
+    assert _with_selection(_Compares(), every=0) == 0
+
+
+def test_the_default_pipeline_chooses_its_final_policy(tmp_path: Path) -> None:
+    """Smoke turns the choice off (three steps); ``pipeline.select_every`` turns it back on."""
+    proc = run_cli(
+        [*SMOKE, "pipeline.select_every=2", "rl.select_prompts=16", f"run_dir={tmp_path}"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rl_final/select/step"] in (0.0, 2.0, 3.0)
+    assert 0 < summary["rl_final/select_labels"] <= 2 * 16
+    assert summary["feedback_labels"] <= 2200

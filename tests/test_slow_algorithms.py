@@ -1,10 +1,10 @@
 """Each 2026 algorithm lifts the gold score of the default SFT policy on the built-in task
 (``make test-slow``; docs/algorithms.md has the full-budget figures).
 
-One default-budget SFT policy, its simulated human's feedback and the reward model trained on
-it are shared; each algorithm then trains ``STEPS`` RL steps from the SFT policy (scored by
-that reward model; DPO on the feedback itself) and is evaluated against it by the gold oracle
-on held-out prompts.
+One default-budget SFT policy, the noise-free simulated human's feedback on it
+(``experiment=oracle_feedback``) and the reward model trained on it are shared; each
+algorithm then trains ``STEPS`` RL steps from the SFT policy (scored by that reward model; DPO
+on the feedback itself) and is evaluated against it by the gold oracle on held-out prompts.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SFT, feedback and reward model at the default budget, in one run directory."""
     run = tmp_path_factory.mktemp("pipeline")
     _run(["stage=sft", f"run_dir={run}"])
-    _run(["stage=feedback", f"feedback.policy={run / 'sft'}", f"run_dir={run}"])
-    _run(["stage=reward_model", f"reward_model.backbone={run / 'sft'}", f"run_dir={run}"])
+    # The noise-free oracle's feedback: the test is about each algorithm's learning, not about
+    # surviving noisy labels (tests/test_slow_human_feedback.py).
+    fb = ["stage=feedback", "experiment=oracle_feedback", f"feedback.policy={run / 'sft'}"]
+    _run([*fb, f"run_dir={run}"])
+    _run(
+        [
+            "stage=reward_model",
+            "experiment=oracle_feedback",
+            f"reward_model.backbone={run / 'sft'}",
+            f"run_dir={run}",
+        ]
+    )
     return run
 
 

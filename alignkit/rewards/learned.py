@@ -321,6 +321,12 @@ def load_scorer(
     from transformers import AutoTokenizer
 
     folder = Path(path)
+    if not is_scalar_head_folder(folder) and len(member_folders(folder)) > 1:
+        raise ConfigError(
+            f"{key}={path} holds an ensemble of {len(member_folders(folder))} reward models "
+            "(member_<i> folders): score with all of them through an ensemble reward (one whose "
+            "config takes `paths`), or name one member's folder"
+        )
     if not is_scalar_head_folder(folder):
         raise ConfigError(
             f"{key}={path}: not a trained reward model (neither a sequence-classification "

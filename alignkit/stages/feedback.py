@@ -36,6 +36,7 @@ from alignkit.data.prompts import prompt_format
 from alignkit.errors import ConfigError
 from alignkit.evaluation import sample_policy
 from alignkit.progress import print_report, sample_with_progress
+from alignkit.stages.active import check_selection, prompt_order
 from alignkit.stages.common import load_model
 from alignkit.tracking import console
 
@@ -173,6 +174,7 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     if fmt not in FORMATS:
         raise ConfigError(f"feedback.format={fmt!r}; expected one of {', '.join(FORMATS)}")
     annotator = build_annotator(ctx)
+    check_selection(ctx)  # before sampling: a missing model fails at once
     path = resolve_policy(ctx, policy_path)
     policy, tokenizer = load_model(ctx, path)
     records = feedback_prompts(ctx)
@@ -182,8 +184,9 @@ def run_feedback(ctx: RunContext, policy_path: str | Path | None = None) -> dict
     responses = sample_responses(ctx, policy, tokenizer, records)
 
     if fcfg.get("max_labels") is not None:
-        # A budget stops partway: spend it on prompts in a seeded order, kinds in proportion.
-        order = random.Random(int(fcfg.seed)).sample(range(len(records)), len(records))
+        # A budget stops partway: spend it on prompts in a seeded order (kinds in proportion),
+        # or those the reward model is least sure about first (feedback.selection).
+        order = prompt_order(ctx, records, responses, int(fcfg.seed))
         records, responses = [records[i] for i in order], [responses[i] for i in order]
     labelled = budgeted(fmt, records, responses, fcfg.get("max_labels"))
     feedback, golds, batch = [], [], []

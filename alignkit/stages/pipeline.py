@@ -1,6 +1,7 @@
 """``stage=pipeline`` (the default): the three stages of RLHF end to end in one run directory.
 
-1. SFT on demonstrations -> ``<run_dir>/sft``;
+1. SFT on demonstrations -> ``<run_dir>/sft`` (or ``pipeline.sft_policy``, a policy already
+   trained, with no SFT stage);
 2. when a learned reward is configured (a ``reward=`` plugin that trains a reward model):
    feedback from the annotator on the SFT policy's samples -> ``<run_dir>/feedback``, then a
    reward model trained on it -> ``<run_dir>/reward_model``, handed to the RL run as its
@@ -12,14 +13,20 @@
 4. evaluation of the RL policy against the SFT policy on held-out prompts: gold oracle,
    reward model and LLM judge, whichever are available (``docs/evaluation.md``).
 
+With ``pipeline.rounds=N`` steps 2-4 repeat N times, each round from the last one's policy
+and reward model (:mod:`alignkit.stages.rounds`).
+
 The whole pipeline holds the run directory's lock (``alignkit.engine.run_lock``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
+
+from omegaconf import open_dict
 
 from alignkit.context import RunContext
 from alignkit.engine.run_lock import run_guard
@@ -28,7 +35,9 @@ from alignkit.needs import Artifacts
 from alignkit.stages.common import load_model
 from alignkit.stages.evaluate import compare_policies
 from alignkit.stages.rl import run_rl
+from alignkit.stages.rounds import check_rounds, run_rounds
 from alignkit.stages.sft import run_sft
+from alignkit.tracking import console
 
 
 def learned_rewards(ctx: RunContext) -> list[str]:
@@ -46,10 +55,13 @@ def _has_model(node: object) -> bool:
     return bool(getattr(node, "path", None) or getattr(node, "paths", None))
 
 
-def train_reward_model(ctx: RunContext, policy: Path) -> tuple[dict[str, float], Artifacts]:
-    """Feedback on ``policy``'s samples and a reward model trained on it; the summary and the
-    artifacts the RL run receives (the learned rewards score with this reward model, and a
-    critic may start from it)."""
+def train_reward_model(
+    ctx: RunContext, policy: Path, data: list[Path] | None = None
+) -> tuple[dict[str, float], Artifacts]:
+    """Feedback on ``policy``'s samples and a reward model trained on it (or on ``data``, the
+    feedback folders to train on, this one among them); the summary and the artifacts the RL
+    run receives (the learned rewards score with this reward model, and a critic may start
+    from it)."""
     from alignkit.stages.feedback import run_feedback
     from alignkit.stages.reward_model import run_reward_model, task_preferences
 
@@ -59,7 +71,7 @@ def train_reward_model(ctx: RunContext, policy: Path) -> tuple[dict[str, float],
     else:
         summary = dict(run_feedback(ctx, policy_path=policy))
         feedback = ctx.run_dir / "feedback"
-        summary.update(run_reward_model(ctx, data=[feedback], backbone=policy))
+        summary.update(run_reward_model(ctx, data=data or [feedback], backbone=policy))
     artifacts = Artifacts(policy, feedback, ctx.run_dir / "reward_model")
     return summary, artifacts
 
@@ -103,6 +115,36 @@ def check_evaluable(ctx: RunContext, learned: list[str]) -> None:
     )
 
 
+def check_sft_policy(folder: Path) -> Path:
+    """``pipeline.sft_policy``: a model folder with a ``config.json``; raises ConfigError."""
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"pipeline.sft_policy={folder}: not a model folder (no config.json); give the "
+            "folder of an SFT policy saved with save_pretrained, e.g. an earlier run's sft/"
+        )
+    return folder
+
+
+def with_selection(ctx: RunContext) -> RunContext:
+    """``ctx`` with ``rl.select_every`` set from ``pipeline.select_every`` when the config
+    leaves it 0 and the feedback annotator compares responses (people in the app do not)."""
+    every = int(ctx.cfg.pipeline.get("select_every", 0))
+    if int(ctx.cfg.rl.get("select_every", 0)) > 0 or every <= 0:
+        return ctx
+    from alignkit.stages.feedback import build_annotator
+
+    if not callable(getattr(build_annotator(ctx), "compare", None)):
+        console.print(
+            f"pipeline: feedback.annotator={ctx.cfg.feedback.annotator} gives no pairwise "
+            "comparisons, so the final policy is not chosen (pipeline.select_every)"
+        )
+        return ctx
+    cfg = copy.deepcopy(ctx.cfg)
+    with open_dict(cfg):
+        cfg.rl.select_every = every
+    return dataclasses.replace(ctx, cfg=cfg)
+
+
 def run_pipeline(ctx: RunContext) -> dict[str, Any]:
     """Every stage in one run directory; the summary holds numbers and ``win_rate_source``."""
     with run_guard(ctx):
@@ -110,10 +152,23 @@ def run_pipeline(ctx: RunContext) -> dict[str, Any]:
 
 
 def _run_stages(ctx: RunContext) -> dict[str, Any]:
+    from alignkit.stages.reward_model import task_preferences
+
     summary: dict[str, Any] = {}
-    check_evaluable(ctx, learned_rewards(ctx))
-    summary.update(run_sft(ctx))
-    sft_dir = ctx.run_dir / "sft"
+    learned = learned_rewards(ctx)
+    check_evaluable(ctx, learned)
+    rounds = check_rounds(ctx, learned, bool(learned) and needs_reward_model(ctx))
+    if learned and not task_preferences(ctx):  # chosen by the annotator of the feedback
+        ctx = with_selection(ctx)
+    given = ctx.cfg.pipeline.get("sft_policy")
+    if given:
+        sft_dir = check_sft_policy(Path(str(given)))
+    else:
+        summary.update(run_sft(ctx))
+        sft_dir = ctx.run_dir / "sft"
+    if rounds > 1:  # each round evaluates its own policy; the last one's is the pipeline's
+        rounds_summary, _ = run_rounds(ctx, sft_dir, needs_reward_model(ctx))
+        return {**summary, **rounds_summary}
     artifacts = Artifacts(sft_policy=sft_dir)
     if learned_rewards(ctx) and needs_reward_model(ctx):
         rm_summary, artifacts = train_reward_model(ctx, sft_dir)

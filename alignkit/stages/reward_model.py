@@ -50,7 +50,7 @@ from alignkit.data.prompts import conversation, prompt_format, template_mode
 from alignkit.errors import ConfigError, DataError
 from alignkit.evaluation import sample_policy
 from alignkit.io import atomic_write_dir
-from alignkit.models import ScalarHeadModel
+from alignkit.models import ScalarHeadModel, is_scalar_head_folder
 from alignkit.preference_config import RewardModelConfig
 from alignkit.progress import print_report, progress_bar, sample_with_progress, tracked
 from alignkit.rewards.learned import (
@@ -63,6 +63,7 @@ from alignkit.rewards.learned import (
     fit_normalization,
     heldout_metrics,
     loss_attribute,
+    member_folders,
     model_max_length,
     pairwise_accuracy,
     score_groups,
@@ -489,6 +490,64 @@ def prompt_kind(task: Any) -> Callable[[PreferenceGroup], str | None] | None:
 # --------------------------------------------------------------------------------------------
 
 
+def init_members(ctx: RunContext, init: str | Path | None) -> list[Path] | None:
+    """The folders each member goes on training from (``reward_model.init``), one per member;
+    None: fresh heads on the backbone."""
+    folder = init or ctx.cfg.reward_model.get("init")
+    if not folder:
+        return None
+    members = member_folders(folder)
+    size = max(1, int(ctx.cfg.reward_model.ensemble_size))
+    if merged(ctx) and len(members) == 1:
+        return members * size  # WARM: every member goes on from the one averaged model
+    trained = all(is_scalar_head_folder(m) for m in members)
+    if len(members) != size or not trained:
+        found = f"{len(members)} member(s)" if trained else "no trained reward model"
+        raise ConfigError(
+            f"reward_model.init={folder}: expected a trained reward model with {size} "
+            f"member(s) (reward_model.ensemble_size), found {found}"
+        )
+    return members
+
+
+MERGES: tuple[str, ...] = ("none", "average")
+
+
+def merged(ctx: RunContext) -> bool:
+    """Whether the ensemble's members are averaged into one model (``reward_model.merge``):
+    not when an active reward scores several members side by side (``min_members > 1``)."""
+    merge = str(ctx.cfg.reward_model.get("merge", "none"))
+    if merge not in MERGES:
+        raise ConfigError(f"reward_model.merge={merge!r}; expected one of {', '.join(MERGES)}")
+    if merge != "average" or int(ctx.cfg.reward_model.ensemble_size) < 2:
+        return False
+    return max(_min_members(ctx), default=1) < 2
+
+
+def _min_members(ctx: RunContext) -> list[int]:
+    learned = set(ctx.registry.names("learned_reward"))
+    return [
+        int(getattr(ctx.registry.get("learned_reward", str(n)), "min_members", 1))
+        for n in (ctx.cfg.get("reward") or {})
+        if str(n) in learned
+    ]
+
+
+@torch.no_grad()
+def average_weights(members: Sequence[RewardScorer]) -> RewardScorer:
+    """The first member with every floating-point weight replaced by the members' mean (WARM,
+    Ramé et al. 2024, eq. 1: ``phi = (1/M) sum_i phi_i``)."""
+    states = [m.model.state_dict() for m in members]
+    mean = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+        if v.is_floating_point()
+        else v
+        for k, v in states[0].items()
+    }
+    members[0].model.load_state_dict(mean)
+    return members[0]
+
+
 def _train_member(
     ctx: RunContext,
     index: int,
@@ -500,7 +559,9 @@ def _train_member(
     seed = int(ctx.cfg.seed) + index
     # The head is initialised from torch's global RNG: seeding here gives each ensemble member
     # its own head (and data order), the only differences between members on one backbone.
-    torch.manual_seed(seed)
+    # Members to be averaged share the head's initialisation (WARM needs one starting point)
+    # and differ in data order only.
+    torch.manual_seed(int(ctx.cfg.seed) if merged(ctx) else seed)
     model = ScalarHeadModel.from_pretrained(
         backbone, trust_remote_code=bool(ctx.cfg.model.trust_remote_code), device=ctx.device
     )
@@ -564,8 +625,11 @@ def run_reward_model(
     ctx: RunContext,
     data: Sequence[str | Path] | None = None,
     backbone: str | Path | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, float]:
-    """Train (an ensemble of) reward model(s) on feedback; save ``<run_dir>/reward_model``."""
+    """Train (an ensemble of) reward model(s) on feedback; save ``<run_dir>/reward_model``.
+
+    ``init`` (else ``reward_model.init``): a trained reward model to go on training."""
     rcfg = ctx.cfg.reward_model
     # Under several ranks the feedback may just have been written by rank 0 (pipeline).
     ctx.backend.barrier()
@@ -573,6 +637,9 @@ def run_reward_model(
     task_prefs = [] if data or ctx.cfg.reward_model.data else task_preferences(ctx)
     paths = [str(ctx.cfg.task.preference_data)] if task_prefs else resolve_data(ctx, data)
     backbone_path = resolve_backbone(ctx, backbone)
+    starts = init_members(ctx, init)
+    if merged(ctx) and ctx.backend.sharded:
+        raise ConfigError("reward_model.merge=average: not under a sharded backend (FSDP)")
     if task_prefs:
         records: list[Any] = task_prefs
         report = check_feedback(records)
@@ -591,16 +658,25 @@ def run_reward_model(
         raise DataError(f"{', '.join(paths)}: every prompt was held out; lower eval_fraction")
     console.print(
         f"reward_model: {loss_name} loss on {len(train)} train / {len(heldout)} held-out groups, "
-        f"backbone {backbone_path}"
+        + (
+            f"extending {init or ctx.cfg.reward_model.init}"
+            if starts
+            else f"backbone {backbone_path}"
+        )
     )
     members: list[RewardScorer] = []
     summary: dict[str, float] = {}
     for i in range(max(1, int(rcfg.ensemble_size))):
-        scorer, metrics = _train_member(ctx, i, backbone_path, train, loss_fn)
+        source = str(starts[i]) if starts else backbone_path
+        scorer, metrics = _train_member(ctx, i, source, train, loss_fn)
         members.append(scorer)
         # The first member's training numbers; the time is the whole ensemble's.
         seconds = summary.get("rm_train_seconds", 0.0) + metrics["rm_train_seconds"]
         summary = {**(summary or metrics), "rm_train_seconds": seconds}
+    if merged(ctx):
+        member_accuracy = _evaluate(ctx, members, heldout)
+        members = [average_weights(members)]
+        summary |= {k: v for k, v in member_accuracy.items() if k.startswith("rm_member_")}
     summary |= _normalize(ctx, members, groups)
     summary |= _evaluate(ctx, members, heldout)
     out = _save(ctx, members)

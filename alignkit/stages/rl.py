@@ -76,12 +76,17 @@ def switch_off_dropout(policy: torch.nn.Module, lora_dropout: float = 0.0) -> No
 
 
 def setup_rl(
-    ctx: RunContext, policy_path: str | Path, artifacts: Artifacts | None = None
+    ctx: RunContext,
+    policy_path: str | Path,
+    artifacts: Artifacts | None = None,
+    reference_path: str | Path | None = None,
 ) -> RunContext:
     """A context for ``<run_dir>/rl`` with policy, reference, optimizer and scheduler, and the
     ``artifacts`` of the pipeline's earlier stages.
 
-    A reference policy exists when ``rl.kl_coef > 0`` or the algorithm declares it needs one.
+    A reference policy exists when ``rl.kl_coef > 0`` or the algorithm declares it needs one:
+    the start policy, or the policy at ``reference_path`` when given (a later round of
+    ``pipeline.rounds`` starts from the last round's policy but keeps the SFT reference).
     """
     rl, backend = ctx.cfg.rl, ctx.backend
     lora = ctx.cfg.model.lora
@@ -104,7 +109,10 @@ def setup_rl(
     switch_off_dropout(policy, float(lora.dropout) if int(lora.r) > 0 else 0.0)
     needs = ctx.needs
     use_ref = (float(rl.kl_coef) > 0 and needs.kl_in != "none") or needs.reference
-    if backend.sharded:
+    if use_ref and reference_path is not None and str(reference_path) != str(policy_path):
+        ref = backend.prepare_model(freeze(load_model(ctx, reference_path)[0]), trainable=False)
+        policy = backend.prepare_model(policy)
+    elif backend.sharded:
         # Shard the policy first, then load the reference afresh and shard it: at most one
         # full unsharded copy exists at a time (a deep copy would need two).
         policy = backend.prepare_model(policy)
@@ -227,11 +235,15 @@ def close_rollout_engine(ctx: RunContext) -> None:
 
 
 def run_rl(
-    ctx: RunContext, policy_path: str | Path | None = None, artifacts: Artifacts | None = None
+    ctx: RunContext,
+    policy_path: str | Path | None = None,
+    artifacts: Artifacts | None = None,
+    reference_path: str | Path | None = None,
 ) -> tuple[dict[str, Any], RunContext]:
     """Train with the engine, save ``<run_dir>/rl/policy``; return the summary and context.
 
     The summary is the run's previous ``summary.json`` updated with this run's numbers.
+    ``reference_path``: the KL reference when it is not the start policy (:func:`setup_rl`).
     """
     path = policy_path or ctx.cfg.model.path
     if not path:
@@ -239,8 +251,11 @@ def run_rl(
             "stage=rl needs model.path: the policy to start from (e.g. an SFT folder)"
         )
     with run_guard(ctx):
-        rl_ctx = setup_rl(ctx, path, artifacts)
+        rl_ctx = setup_rl(ctx, path, artifacts, reference_path)
         fingerprint = effective_fingerprint(rl_ctx, path, ctx.run_dir)
+        if reference_path is not None:
+            root = str(Path(ctx.run_dir).resolve())
+            fingerprint["reference"] = _portable(str(Path(reference_path).resolve()), root)
         snapshots = start_snapshots(rl_ctx)
         on_step = None
         if snapshots is not None:

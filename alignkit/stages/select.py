@@ -76,9 +76,11 @@ def _samples(ctx: RunContext, records: Sequence[Any], seed: int) -> list[str]:
 
 
 def choose(win_rates: dict[int, float]) -> int:
-    """The step with the highest win-rate over the start (the start is 0.5); the later step
-    on a tie (as good, and trained longer)."""
-    return max(win_rates, key=lambda step: (win_rates[step], step))
+    """The step with the highest win-rate over the start (the start is 0.5); the earlier step
+    on a tie: as good by the annotator, and nearer the start, so less drifted into what a
+    noisy reward model gets wrong (the win-rates are estimates, and the largest of several
+    is biased upwards)."""
+    return max(win_rates, key=lambda step: (win_rates[step], -step))
 
 
 def select_policy(ctx: RunContext, snapshots: Snapshots, annotator: Any) -> dict[str, float]:
