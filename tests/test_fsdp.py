@@ -198,6 +198,7 @@ def test_reward_model_losses_on_two_ranks_match_one_process(
         "reward_model.batch_size=8",  # 4 pairs per rank: equal shares, so exact equivalence
         "reward_model.log_every=1",
         "reward_model.max_length=48",
+        "reward_model.ensemble_size=1",
     ]
     run_torchrun([*args, "backend=fsdp", f"run_dir={tmp_path / 'fsdp'}"])
     single = run_cli([*args, f"run_dir={tmp_path / 'one'}"])
@@ -219,6 +220,42 @@ def test_reward_model_losses_on_two_ranks_match_one_process(
         assert summary[key] == pytest.approx(reference[key], rel=1e-4, abs=ATOL), key
     # The gathered model was saved by rank 0 as a plain folder with its scalar head.
     assert is_scalar_head_folder(tmp_path / "fsdp" / "reward_model")
+
+
+@pytest.mark.slow  # ~60 s: a 2-rank launch and a single-process run
+def test_averaged_reward_models_on_two_ranks_match_one_process(
+    feedback: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The default ensemble (``merge=average``) under FSDP: each rank averages its own shards
+    of the members, and the saved model is the one a single process averages."""
+    from safetensors.torch import load_file
+
+    data, backbone = feedback
+    args = [
+        "stage=reward_model",
+        "model=nano",
+        "logger=none",
+        f"reward_model.data=[{data}]",
+        f"reward_model.backbone={backbone}",
+        "reward_model.steps=3",
+        "reward_model.batch_size=8",
+        "reward_model.max_length=48",
+        "reward_model.ensemble_size=2",
+        "reward_model.merge=average",
+    ]
+    run_torchrun([*args, "backend=fsdp", f"run_dir={tmp_path / 'fsdp'}"])
+    single = run_cli([*args, f"run_dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = load_file(tmp_path / "fsdp" / "reward_model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "reward_model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    # Three steps of two members in the sharded forward and the foreach AdamW against the
+    # lean forward and the fused one: float rounding, ~2e-4 at most in the head (which the
+    # normalisation also rescales), far below the members' spread the averaging removes.
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=3e-4, msg=name)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert {"rm_member_0_heldout_accuracy", "rm_member_1_heldout_accuracy"} <= set(summary)
 
 
 @pytest.mark.slow  # ~35 s: a 2-rank launch and a single-process run

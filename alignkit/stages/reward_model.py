@@ -535,16 +535,19 @@ def _min_members(ctx: RunContext) -> list[int]:
 
 @torch.no_grad()
 def average_weights(members: Sequence[RewardScorer]) -> RewardScorer:
-    """The first member with every floating-point weight replaced by the members' mean (WARM,
-    Ramé et al. 2024, eq. 1: ``phi = (1/M) sum_i phi_i``)."""
-    states = [m.model.state_dict() for m in members]
-    mean = {
-        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-        if v.is_floating_point()
-        else v
-        for k, v in states[0].items()
-    }
-    members[0].model.load_state_dict(mean)
+    """The first member with every parameter replaced by the members' mean (WARM, Ramé et al.
+    2024, eq. 1: ``phi = (1/M) sum_i phi_i``), in place.
+
+    Parameter by parameter, so under FSDP each rank averages its own shards (the members are
+    sharded alike) and no full copy is gathered. Buffers stay the first member's: the
+    normalisation is fitted afterwards, and the others are the backbone's constants.
+    """
+    params = [list(m.model.parameters()) for m in members]
+    for group in zip(*params, strict=True):
+        total = group[0].detach().clone()
+        for p in group[1:]:
+            total.add_(p.detach())
+        group[0].copy_(total.div_(len(group)))
     return members[0]
 
 
@@ -638,8 +641,6 @@ def run_reward_model(
     paths = [str(ctx.cfg.task.preference_data)] if task_prefs else resolve_data(ctx, data)
     backbone_path = resolve_backbone(ctx, backbone)
     starts = init_members(ctx, init)
-    if merged(ctx) and ctx.backend.sharded:
-        raise ConfigError("reward_model.merge=average: not under a sharded backend (FSDP)")
     if task_prefs:
         records: list[Any] = task_prefs
         report = check_feedback(records)
