@@ -209,6 +209,10 @@ def test_reward_model_init_must_match_the_ensemble(
     assert "reward_model.init=" in proc.stderr and "2 member(s)" in proc.stderr
     proc = run_cli([*args, f"reward_model.init={sft_run / 'sft'}"])
     assert proc.returncode != 0 and "found no trained reward model" in proc.stderr
+    # The same when members would be averaged (every member goes on from one folder).
+    averaged = ["reward_model.ensemble_size=2", "reward_model.merge=average"]
+    proc = run_cli([*args, *averaged, f"reward_model.init={sft_run / 'sft'}"])
+    assert proc.returncode != 0 and "found no trained reward model" in proc.stderr
 
 
 def test_two_rounds_extend_the_reward_model_and_train_on_from_the_last_policy(

@@ -498,9 +498,9 @@ def init_members(ctx: RunContext, init: str | Path | None) -> list[Path] | None:
         return None
     members = member_folders(folder)
     size = max(1, int(ctx.cfg.reward_model.ensemble_size))
-    if merged(ctx) and len(members) == 1:
-        return members * size  # WARM: every member goes on from the one averaged model
     trained = all(is_scalar_head_folder(m) for m in members)
+    if trained and merged(ctx) and len(members) == 1:
+        return members * size  # WARM: every member goes on from the one averaged model
     if len(members) != size or not trained:
         found = f"{len(members)} member(s)" if trained else "no trained reward model"
         raise ConfigError(
